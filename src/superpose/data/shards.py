@@ -1,0 +1,258 @@
+"""Token shards on disk: flat little-endian arrays plus meta.json, memory-mapped for reading.
+
+A flat array (documents joined by EOS) lets the loader read any window with one slice and lets a
+resumed run find its exact position from a single integer offset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from superpose.data.tokenizer import eos_id as find_eos_id
+from superpose.data.tokenizer import load_tokenizer
+from superpose.errors import SuperposeError
+
+FORMAT = "superpose-tokens"
+VERSION = 1
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves disk and page-cache use whenever every id fits in 16 bits."""
+    if vocab_size < 1:
+        raise SuperposeError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size > 2**32:
+        raise SuperposeError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+    return DTYPES["uint16"] if vocab_size <= 2**16 else DTYPES["uint32"]
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The meta.json name of a shard dtype."""
+    return {v: k for k, v in DTYPES.items()}[np.dtype(dtype)]
+
+
+def file_sha256(path: Path) -> str:
+    """Hash a file in chunks so a tampered or swapped tokenizer is detected."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Append documents' tokens to `<split>-NNNNN.bin` files of at most shard_tokens tokens each.
+
+    Documents may straddle shard boundaries: readers see one logical stream per split.
+    """
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        if shard_tokens < 1:
+            raise SuperposeError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        self.folder = Path(folder)
+        self.split = split
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = shard_tokens
+        self.tokens = 0
+        self.documents = 0
+        self._shards: list[dict[str, Any]] = []
+        self._file: BinaryIO | None = None
+
+    def add(self, tokens: np.ndarray, documents: int) -> None:
+        """Append tokens holding `documents` whole documents (each already followed by EOS)."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        self.documents += documents
+        self.tokens += len(data)
+        while len(data):
+            if self._file is None or self._shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            shard = self._shards[-1]
+            take = min(len(data), self.shard_tokens - shard["tokens"])
+            self._file.write(data[:take].tobytes())
+            shard["tokens"] += take
+            data = data[take:]
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        name = f"{self.split}-{len(self._shards):05d}.bin"
+        self._file = open(self.folder / name, "wb")
+        self._shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and return the split's entry for meta.json."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return {"tokens": self.tokens, "documents": self.documents, "shards": [dict(s) for s in self._shards]}
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TokenStream:
+    """One split as a single logical token array over memory-mapped shards (nothing is copied up front)."""
+
+    def __init__(self, name: str, dataset_path: Path, files: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.name = name
+        self.dataset_path = dataset_path
+        self._maps = [np.memmap(f, dtype=dtype, mode="r") for f, n in zip(files, counts) if n > 0]
+        self._starts = [0]
+        for m in self._maps:
+            self._starts.append(self._starts[-1] + len(m))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, stitched across shard boundaries."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"read({start}, {length}) is outside split '{self.name}' of {len(self)} tokens")
+        out = np.empty(length, dtype=np.int64)
+        shard = bisect.bisect_right(self._starts, start) - 1
+        done = 0
+        while done < length:
+            local = start + done - self._starts[shard]
+            take = min(length - done, len(self._maps[shard]) - local)
+            out[done : done + take] = self._maps[shard][local : local + take]
+            done += take
+            shard += 1
+        return out
+
+
+class TokenDataset:
+    """A validated prepared dataset folder: meta, tokenizer and per-split token streams."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], tokenizer: Tokenizer) -> None:
+        self.path = path
+        self.meta = meta
+        self.tokenizer = tokenizer
+        self.vocab_size: int = meta["vocab_size"]
+        self.eos_id: int = meta["eos_id"]
+        self._dtype = DTYPES[meta["dtype"]]
+
+    def split(self, name: str) -> TokenStream:
+        """The token stream of split `name` ("train" or "val")."""
+        if name not in self.meta["splits"]:
+            raise SuperposeError(f"dataset {self.path} has no split '{name}'")
+        shards = self.meta["splits"][name]["shards"]
+        return TokenStream(
+            name, self.path, [self.path / s["file"] for s in shards], [s["tokens"] for s in shards], self._dtype
+        )
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Write meta.json (the last file of a prepared dataset)."""
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def open_dataset(path: str | Path, tokenizer: str | None = None) -> TokenDataset:
+    """Open a prepared dataset, refusing anything inconsistent before training spends time on it.
+
+    If `tokenizer` is given (e.g. the tokenizer of a model being continued), it must have the same
+    vocabulary as the tokenizer the shards were made with.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise SuperposeError(f"dataset not found: {path} is not a folder")
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise SuperposeError(f"{root} has no {META_FILE}: not a prepared dataset")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SuperposeError(f"{meta_path} is not valid JSON: {e}") from e
+    _check_meta(meta, meta_path)
+
+    tok_path = root / meta["tokenizer"]
+    if not tok_path.is_file():
+        raise SuperposeError(f"{root} is missing its tokenizer file {meta['tokenizer']}")
+    if file_sha256(tok_path) != meta["tokenizer_sha256"]:
+        raise SuperposeError(f"{tok_path} was modified: its sha256 differs from {META_FILE}")
+    tok = load_tokenizer(str(tok_path))
+    if find_eos_id(tok) != meta["eos_id"]:
+        raise SuperposeError(f"{tok_path} has EOS id {find_eos_id(tok)} but {META_FILE} says {meta['eos_id']}")
+
+    itemsize = DTYPES[meta["dtype"]].itemsize
+    for split_name, split in meta["splits"].items():
+        for shard in split["shards"]:
+            file = root / shard["file"]
+            if not file.is_file():
+                raise SuperposeError(f"{root} is missing shard {shard['file']} of split '{split_name}'")
+            size, expected = file.stat().st_size, shard["tokens"] * itemsize
+            if size != expected:
+                raise SuperposeError(
+                    f"shard {file} has {size} bytes but {META_FILE} says {shard['tokens']} tokens ({expected} bytes)"
+                )
+
+    if tokenizer is not None:
+        _check_same_vocab(load_tokenizer(tokenizer), tok, tokenizer, root)
+    return TokenDataset(root, meta, tok)
+
+
+def _check_meta(meta: Any, meta_path: Path) -> None:
+    """Structural checks on meta.json, so later code can index it without KeyErrors."""
+
+    def bad(problem: str) -> SuperposeError:
+        return SuperposeError(f"{meta_path} is not a valid dataset description: {problem}")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise bad(f"format is not '{FORMAT}'")
+    if meta.get("version") != VERSION:
+        raise bad(f"version {meta.get('version')!r} is not supported (expected {VERSION})")
+    if meta.get("dtype") not in DTYPES:
+        raise bad(f"dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    for key in ("vocab_size", "eos_id"):
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise bad(f"{key} is not a non-negative integer")
+    for key in ("tokenizer", "tokenizer_sha256"):
+        if not isinstance(meta.get(key), str):
+            raise bad(f"{key} is missing")
+    if "/" in meta["tokenizer"] or "\\" in meta["tokenizer"]:
+        raise bad(f"tokenizer {meta['tokenizer']!r} is not a plain file name")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise bad("no 'train' split")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"split '{name}' has no shard list")
+        total = 0
+        for shard in split["shards"]:
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)):
+                raise bad(f"split '{name}' has a malformed shard entry {shard!r}")
+            if "/" in shard["file"] or "\\" in shard["file"] or shard["tokens"] < 0:
+                raise bad(f"split '{name}' has a bad shard entry {shard!r}")
+            total += shard["tokens"]
+        if split.get("tokens") != total:
+            raise bad(f"split '{name}' says {split.get('tokens')} tokens but its shards hold {total}")
+
+
+def _check_same_vocab(given: Tokenizer, ours: Tokenizer, spec: str, root: Path) -> None:
+    """Token ids are only meaningful with the vocabulary that produced them."""
+    a = given.get_vocab(with_added_tokens=True)
+    b = ours.get_vocab(with_added_tokens=True)
+    if a == b:
+        return
+    if len(a) != len(b):
+        problem = f"vocabulary of {len(a)} tokens vs {len(b)}"
+    else:
+        differing = sum(1 for token, i in b.items() if a.get(token) != i)
+        problem = f"{differing} of {len(b)} token ids differ"
+    raise SuperposeError(f"tokenizer {spec} does not match the shards in {root}: {problem}")

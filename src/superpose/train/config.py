@@ -1,0 +1,249 @@
+"""The run configuration: typed dataclasses, loaded from TOML, validated once, saved beside every run.
+
+A config file mirrors the dataclass tree (``[model]``, ``[data]``, ``[tst]``, ...). Unknown keys, wrong types and
+impossible values raise :class:`SuperposeError` naming the key, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ..errors import SuperposeError
+from ..method import MODES, WEIGHTINGS
+from ..schedule import PhaseSchedule, Stage
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Named model shape (see ``superpose presets``); the vocabulary size comes from the prepared data."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/embedded"
+    """Folder written by ``superpose prepare``."""
+    tokenizer: str = ""
+    """Optional tokenizer to check against the shards (a tokenizer.json, a folder, or a hub name)."""
+
+
+@dataclass
+class TSTConfig:
+    bag: int = 4
+    """Tokens averaged per position in the superposition phase (s); 1 = ordinary training."""
+    ratio: float = 0.3
+    """Fraction of optimizer steps trained in superposition (r)."""
+    schedule: list = field(default_factory=list)
+    """Multi-stage alternative to bag/ratio: ``[[until, bag], ...]``, until a step (int) or run fraction (float)."""
+    mode: str = "both"
+    """Objective: both (TST), input (bagged inputs, next-token CE) or output (token inputs, multi-hot CE)."""
+    weighting: str = "uniform"
+    """Target weights over positions in the next bag: uniform or power (``(k+1)**-alpha``)."""
+    alpha: float = 1.0
+    """Exponent of the power weighting."""
+
+    def stages(self) -> list[Stage]:
+        if self.schedule:
+            return [Stage(*s) for s in self.schedule]
+        return [Stage(float(self.ratio), self.bag), Stage(1.0, 1)]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of the peak."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    schedule: str = "wsd"
+    """wsd (warmup-stable-decay) or cosine, spanning the whole run across phases."""
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """WSD: fraction of the run spent decaying at the end."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    """Optimizer steps, both phases together."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward; 0 = batch_size (no gradient accumulation)."""
+    seq_len: int = 128
+    """Transformer positions per sequence (L); phase 1 reads (L+1)*bag tokens per sequence."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
+    compile: bool = False
+    """torch.compile the model (the transformer sees L positions in every phase, so it compiles once)."""
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Validation next-token loss every N steps (and at the end); 0 = only at the end."""
+    batches: int = 8
+    """Fixed held-out batches of L+1 tokens."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Checkpoint every N steps (and at every phase switch and at the end); 0 = only those."""
+    keep: int = 3
+    """Periodic checkpoints kept (phase-switch and final checkpoints are always kept)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run folder name under out_dir."""
+    out_dir: str = "runs"
+    seed: int = 0
+    """Seeds the initialisation and the data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tst: TSTConfig = field(default_factory=TSTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.micro_batch_size or self.train.batch_size
+
+    def phase_schedule(self) -> PhaseSchedule:
+        try:
+            return PhaseSchedule(self.tst.stages(), self.train.steps)
+        except (TypeError, ValueError) as e:
+            raise SuperposeError(f"tst: {e}") from None
+
+    def validate(self) -> "RunConfig":
+        """Check values that types cannot; raise a one-line SuperposeError naming the key."""
+        checks: list[tuple[bool, str]] = [
+            (bool(self.name) and "/" not in self.name and self.name not in (".", ".."), f"name: {self.name!r} is not a plain folder name"),
+            (self.tst.bag >= 1, f"tst.bag: must be >= 1, got {self.tst.bag}"),
+            (0.0 <= self.tst.ratio <= 1.0, f"tst.ratio: must be in [0, 1], got {self.tst.ratio}"),
+            (self.tst.mode in MODES, f"tst.mode: must be one of {', '.join(MODES)}, got {self.tst.mode!r}"),
+            (self.tst.weighting in WEIGHTINGS, f"tst.weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.tst.weighting!r}"),
+            (self.optim.lr > 0, f"optim.lr: must be > 0, got {self.optim.lr}"),
+            (0.0 <= self.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {self.optim.min_lr_ratio}"),
+            (self.optim.schedule in ("wsd", "cosine"), f"optim.schedule: must be wsd or cosine, got {self.optim.schedule!r}"),
+            (self.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {self.optim.warmup_steps}"),
+            (0.0 <= self.optim.decay_fraction <= 1.0, f"optim.decay_fraction: must be in [0, 1], got {self.optim.decay_fraction}"),
+            (self.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0, got {self.optim.grad_clip}"),
+            (self.train.steps >= 1, f"train.steps: must be >= 1, got {self.train.steps}"),
+            (self.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {self.train.batch_size}"),
+            (self.train.micro_batch_size >= 0, f"train.micro_batch_size: must be >= 0, got {self.train.micro_batch_size}"),
+            (self.train.batch_size % self.micro_batch_size == 0 if self.micro_batch_size else False,
+             f"train.micro_batch_size: {self.train.micro_batch_size} does not divide train.batch_size {self.train.batch_size}"),
+            (self.train.seq_len >= 1, f"train.seq_len: must be >= 1, got {self.train.seq_len}"),
+            (self.train.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.train.dtype!r}"),
+            (self.train.log_every >= 1, f"train.log_every: must be >= 1, got {self.train.log_every}"),
+            (self.eval.every >= 0, f"eval.every: must be >= 0, got {self.eval.every}"),
+            (self.eval.batches >= 1, f"eval.batches: must be >= 1, got {self.eval.batches}"),
+            (self.checkpoint.every >= 0, f"checkpoint.every: must be >= 0, got {self.checkpoint.every}"),
+            (self.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.checkpoint.keep}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SuperposeError(message)
+        self.phase_schedule()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against a field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SuperposeError(f"{key}: expected a table, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise SuperposeError(f"{key}: expected {_type_name(origin)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SuperposeError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line override value, read as a TOML value (so 3, 0.3, true, [[0.3, 4]] work), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (validated afterwards like the file)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SuperposeError(f"override {item!r} is not of the form key=value")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SuperposeError(f"override {item!r}: {part} is not a table")
+        node[leaf] = _parse_value(text.strip())
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    return _from_dict(RunConfig, apply_overrides(data, list(overrides))).validate()
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML config, apply overrides, validate. All problems are one-line SuperposeErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuperposeError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SuperposeError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(data, overrides)

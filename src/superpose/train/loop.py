@@ -1,0 +1,138 @@
+"""The training loop: bookkeeping only. The schedule picks the bag, the loader reads the window, the TrainModule steps.
+
+Everything that can be wrong with the inputs (config, data, windows that do not fit, an existing run folder) is
+checked before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import method
+from ..data.loader import WindowLoader, check_window, validation_windows
+from ..data.shards import open_dataset
+from ..errors import SuperposeError
+from ..flops import flops_per_step
+from ..models import build_model, model_config, parameter_counts
+from ..schedule import lr_at
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import RunConfig
+from .metrics import MetricsWriter
+from .step import TrainModule
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    final_val_loss: float
+    text_tokens: int
+    wall_time: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SuperposeError(f"train.device: {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = True) -> RunResult:
+    """Run (or resume) a training run described by ``cfg``; returns where it is and how it ended.
+
+    ``resume``: ``True`` continues from the run folder's newest checkpoint, a path from that checkpoint.
+    """
+    cfg.validate()
+    run_dir = cfg.run_dir
+    data = open_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer or None)
+    schedule = cfg.phase_schedule()
+    L, B = cfg.train.seq_len, cfg.train.batch_size
+    train_stream, val_stream = data.split("train"), data.split("val")
+    for bag in sorted({schedule.bag_at(s) for s in [0, *schedule.switch_steps()]}):
+        check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
+    val_windows = validation_windows(val_stream, cfg.micro_batch_size, L, cfg.eval.batches)
+    model_config(cfg.model.preset, data.vocab_size)  # unknown preset: fail before writing
+    checkpoint = None
+    if resume:
+        checkpoint = resolve_checkpoint(run_dir if resume is True else Path(resume))
+    elif list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
+        raise SuperposeError(f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another name")
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model.preset, data.vocab_size, seed=cfg.seed, device=device)
+    module = TrainModule(model, cfg, device)
+    loader = WindowLoader(train_stream, B, cfg.seed)
+    state = {"step": 0, "text_tokens": 0, "flops": 0, "wall_time": 0.0}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, module.optimizer)
+        loader.load_state_dict(state["loader"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_toml = cfg.to_toml()
+    (run_dir / "config.toml").write_text(config_toml)
+    total_params, active_params = parameter_counts(model)
+    step_flops = flops_per_step(model.config, B, L)
+    (run_dir / "run.json").write_text(json.dumps({
+        "preset": cfg.model.preset, "vocab_size": data.vocab_size, "parameters": total_params,
+        "active_parameters": active_params, "flops_per_step": step_flops, "device": str(device),
+        "stages": [{"bag": st.bag, "end_step": end} for st, end in zip(schedule.stages, schedule.ends)],
+    }, indent=2))
+    writer = MetricsWriter(run_dir, resume_step=state["step"] if checkpoint is not None else None)
+    switches = set(schedule.switch_steps())
+    val_loss = float("nan")
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc=cfg.name, disable=not progress, dynamic_ncols=True)
+    wall0 = time.perf_counter() - state["wall_time"]
+
+    def snapshot(step: int, keep_always: bool) -> None:
+        save_checkpoint(
+            run_dir,
+            model,
+            module.optimizer,
+            {**state, "step": step, "loader": loader.state_dict(), "keep_always": keep_always,
+             "phase": schedule.stage_at(step - 1) + 1, "bag": schedule.bag_at(step - 1)},
+            config_toml,
+            cfg.checkpoint.keep,
+        )
+
+    try:
+        for step in range(state["step"], cfg.train.steps):
+            bag = schedule.bag_at(step)
+            lr = lr_at(step, cfg.train.steps, peak=cfg.optim.lr, schedule=cfg.optim.schedule,
+                       warmup_steps=cfg.optim.warmup_steps, decay_fraction=cfg.optim.decay_fraction,
+                       min_ratio=cfg.optim.min_lr_ratio)
+            t0 = time.perf_counter()
+            window = loader.next_batch(method.window_length(L, bag, cfg.tst.mode))
+            metrics = module.train_step(window, bag, lr)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            state.update(step=done, text_tokens=state["text_tokens"] + window.numel(),
+                         flops=state["flops"] + step_flops, wall_time=time.perf_counter() - wall0)
+            row = {"step": done, "phase": schedule.stage_at(step) + 1, "bag": bag, "lr": lr, "train_loss": metrics["loss"],
+                   **{k: v for k, v in metrics.items() if k != "loss"},
+                   "text_tokens": state["text_tokens"], "flops": state["flops"], "wall_time": state["wall_time"],
+                   "tokens_per_s": window.numel() / dt}
+            if (cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.steps:
+                val_loss = module.eval_loss(val_windows)
+                row["val_loss"] = val_loss
+            if done % cfg.train.log_every == 0 or "val_loss" in row or done in switches or done == cfg.train.steps:
+                writer.write(row)
+            bar.update(1)
+            bar.set_postfix(phase=row["phase"], bag=bag, loss=f"{metrics['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if done in switches or done == cfg.train.steps:
+                snapshot(done, keep_always=True)
+            elif cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+                snapshot(done, keep_always=False)
+    finally:
+        bar.close()
+        writer.close()
+    if checkpoint is not None and val_loss != val_loss:  # resumed a finished run: report its last validation
+        val_loss = module.eval_loss(val_windows)
+    return RunResult(run_dir, state["step"], val_loss, state["text_tokens"], state["wall_time"])

@@ -1,0 +1,74 @@
+"""FLOPs accounting: a hand-computed case, MoE active-only counting, TST overhead is negligible."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig, Qwen3MoeConfig
+
+from superpose.flops import flops_per_step, flops_per_token, matmul_parameters, superpose_overhead_flops
+from superpose.models import build_model, model_config, parameter_counts
+
+
+def _small_llama() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+def test_hand_computed_dense_value() -> None:
+    # head_dim 4; attention q 16*16 + k,v 2*16*8 + o 16*16 = 768; SwiGLU 3*16*32 = 1536
+    # N = 2 layers * (768 + 1536) + head 100*16 = 6208; 6N = 37248
+    # attention scores at L=8: 12 * 2 layers * 4 heads * 4 head_dim * 8 = 3072
+    config = _small_llama()
+    assert matmul_parameters(config) == 6208
+    assert flops_per_token(config, 8) == 37248 + 3072
+    assert flops_per_step(config, batch_size=3, seq_len=8) == (37248 + 3072) * 3 * 8
+
+
+def _moe(num_experts: int, top_k: int, **kwargs: object) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        **kwargs,
+    )
+
+
+def test_moe_counts_only_routed_experts() -> None:
+    # per layer: attention 768 + router 16*E + k experts * 3*16*8; head 1600
+    assert matmul_parameters(_moe(8, 2)) == 2 * (768 + 16 * 8 + 2 * 384) + 1600
+    # more idle experts cost only their router columns, not their FFNs
+    assert matmul_parameters(_moe(64, 2)) - matmul_parameters(_moe(8, 2)) == 2 * 16 * 56
+    # a dense-only layer uses the dense MLP instead
+    assert matmul_parameters(_moe(8, 2, mlp_only_layers=[0])) == (768 + 1536) + (768 + 128 + 768) + 1600
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3", "tiny-moe", "llama-270m", "qwen3-moe-10b-a1b"])
+def test_matmul_parameters_agree_with_the_built_model(preset: str) -> None:
+    config = model_config(preset)
+    model = build_model(config, device="meta")
+    _, active = parameter_counts(model)
+    norms = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    embedding = model.get_input_embeddings().weight.numel()
+    head = config.vocab_size * config.hidden_size  # the head is a matmul, tied or not
+    assert matmul_parameters(config) == active - norms - embedding + head
+
+
+def test_superpose_overhead_is_negligible_for_tiny() -> None:
+    config = model_config("tiny")
+    for seq_len in (64, 2048):
+        ratio = superpose_overhead_flops(config, 8, seq_len, bag=16) / flops_per_step(config, 8, seq_len)
+        assert 0 < ratio < 1e-3
+    assert superpose_overhead_flops(config, 1, 1, bag=4) == 2 * (4 * 128 + 128 + 8)
