@@ -36,7 +36,8 @@ def matmul_parameters(config: PretrainedConfig) -> int:
     for layer in range(config.num_hidden_layers):
         total += attention
         if _is_sparse_layer(config, layer):
-            total += config.num_experts_per_tok * 3 * d * config.moe_intermediate_size + d * config.num_experts
+            routed = config.num_experts_per_tok * 3 * d * config.moe_intermediate_size
+            total += routed + d * config.num_experts  # active experts + router
         else:
             total += 3 * d * config.intermediate_size  # SwiGLU: gate, up, down
     return total

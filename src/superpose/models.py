@@ -58,7 +58,12 @@ class Preset:
 
 
 # Fields a caller may override (width/depth studies); identity and vocabulary are set elsewhere.
-_OVERRIDABLE = frozenset(f.name for f in dataclasses.fields(Preset)) - {"name", "family", "description", "vocab_size"}
+_OVERRIDABLE = frozenset(f.name for f in dataclasses.fields(Preset)) - {
+    "name",
+    "family",
+    "description",
+    "vocab_size",
+}
 
 _LLAMA3_VOCAB = 128_256
 _QWEN3_VOCAB = 151_936
@@ -69,7 +74,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="tiny",
             family="llama",
-            description="Llama, ~1.3M params at vocab 4096; trains on a 2-core CPU in minutes (smoke tests, demos).",
+            description="Llama, ~1.3M params at vocab 4096; trains on a 2-core CPU in minutes (smoke tests).",
             hidden_size=128,
             num_hidden_layers=4,
             num_attention_heads=4,
@@ -93,7 +98,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="tiny-moe",
             family="qwen3_moe",
-            description="Qwen3-MoE, 8 experts top-2, `tiny` width; exercises routing and the aux loss on a CPU.",
+            description="Qwen3-MoE, 8 experts top-2 at `tiny` width; exercises routing and aux loss on a CPU.",
             hidden_size=128,
             num_hidden_layers=4,
             num_attention_heads=4,
@@ -108,7 +113,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="small",
             family="llama",
-            description="Llama, ~6.8M params at vocab 8192; a laptop-sized run that shows real learning curves.",
+            description="Llama, ~6.8M params at vocab 8192; a laptop run that shows real learning curves.",
             hidden_size=256,
             num_hidden_layers=6,
             num_attention_heads=8,
@@ -286,7 +291,7 @@ def build_model(
     """Instantiate a causal LM with our seeded init; `device="meta"` gives a weightless shell for counting."""
     if isinstance(preset_or_config, PretrainedConfig):
         if vocab_size is not None or overrides:
-            raise SuperposeError("vocab_size and shape overrides apply to preset names, not to a ready config")
+            raise SuperposeError("vocab_size and shape overrides apply to preset names, not to a config")
         config = preset_or_config
     else:
         config = model_config(preset_or_config, vocab_size, **overrides)
@@ -347,7 +352,9 @@ def parameter_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> tup
     return total, total - per_expert * idle
 
 
-def expected_parameter_counts(preset: str, vocab_size: int | None = None, **overrides: object) -> tuple[int, int]:
+def expected_parameter_counts(
+    preset: str, vocab_size: int | None = None, **overrides: object
+) -> tuple[int, int]:
     """(total, active) from the shape alone, independent of transformers, to catch config mistakes."""
     p = get_preset(preset, vocab_size, **overrides)
     d, hd, layers = p.hidden_size, p.resolved_head_dim, p.num_hidden_layers
@@ -376,13 +383,14 @@ def _human(n: int) -> str:
 
 def describe_presets() -> str:
     """A plain-text table of the presets (default vocab) for `--help` and the README."""
-    header = ("name", "family", "layers", "d", "heads", "total", "active")
+    header = ("name", "family", "layers", "d", "heads q/kv", "total", "active")
     rows = [header]
     for p in PRESETS.values():
         total, active = expected_parameter_counts(p.name)
         heads = f"{p.num_attention_heads}/{p.num_key_value_heads}"
         if p.num_experts:
             heads += f", top-{p.num_experts_per_tok} of {p.num_experts} experts"
-        rows.append((p.name, p.family, str(p.num_hidden_layers), str(p.hidden_size), heads, _human(total), _human(active)))
+        shape = (str(p.num_hidden_layers), str(p.hidden_size), heads)
+        rows.append((p.name, p.family, *shape, _human(total), _human(active)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -6,9 +6,10 @@ same source twice gives the same shards.
 
 from __future__ import annotations
 
+import os
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -104,29 +105,34 @@ def limit_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
 
 
 def _iter_embedded(root: Path) -> Iterator[str]:
-    files = [
-        p for p in root.rglob("*.py")
-        if p.is_file() and not _EMBEDDED_SKIP.intersection(p.relative_to(root).parts[:-1])
-    ]
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        text = _decode_or_none(path)
-        if text is not None:
-            yield text
+    files = _walk(root, lambda name: name in _EMBEDDED_SKIP)
+    for path in files:
+        if path.suffix == ".py":
+            text = _decode_or_none(path)
+            if text is not None:
+                yield text
 
 
 def _iter_folder(root: Path, text_field: str) -> Iterator[str]:
     """Walk a folder in sorted order; record files are read as records, binaries are skipped."""
-    files = [
-        p for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
-    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+    for path in _walk(root, lambda name: name.startswith(".")):
+        if path.name.startswith("."):
+            continue
         if path.name.lower().endswith(RECORD_SUFFIXES):
             yield from _iter_records(path, text_field)
         else:
             text = _decode_or_none(path)
             if text is not None:
                 yield text
+
+
+def _walk(root: Path, skip_dir: Callable[[str], bool]) -> list[Path]:
+    """All files under root sorted by relative path, without descending into skipped folders."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not skip_dir(d)]
+        files.extend(Path(folder, n) for n in names)
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
 def _decode_or_none(path: Path) -> str | None:

@@ -8,15 +8,13 @@ guarantee a non-empty validation split. It is deleted before the folder is renam
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -88,32 +86,30 @@ def prepare(
         raise SuperposeError(f"output folder {out} exists and is not empty")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         docs: Iterator[str] = itertools.chain.from_iterable(
             iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split) for s in sources
         )
         if max_bytes is not None:
             docs = limit_bytes(docs, max_bytes)
-        cache = tmp / CACHE_FILE
-        with open(cache, "wb") as f:
-            bar = tqdm(desc="reading corpus", unit="doc", disable=not progress)
-            cached = _cache_documents(docs, f, bar)
+        cache = _DocumentCache(tmp / CACHE_FILE)
+        with tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
+            recorded = cache.record(docs, bar)
             if tok is None:
-                tok = train_tokenizer(cached, vocab_size)
-            n_docs = sum(1 for _ in cached)  # drains the rest when the trainer stopped early (or was skipped)
-            n_docs += bar.n - n_docs  # bar.n counts every cached document
-            bar.close()
-        n_docs = bar.n
-        is_val = _choose_val(n_docs, val_fraction, min_val_documents, seed, sources)
+                tok = train_tokenizer(recorded, vocab_size)
+            for _ in recorded:  # caches the corpus when no training pass consumed it
+                pass
+        is_val = _choose_val(cache.count, val_fraction, min_val_documents, seed, sources)
 
         tok.save(str(tmp / TOKENIZER_FILE))
         eos = eos_id(tok)
         vocab = vocab_size_of(tok)
         dtype = token_dtype(vocab)
         with ShardWriter(tmp, "train", dtype, shard_tokens) as train, ShardWriter(tmp, "val", dtype, shard_tokens) as val:
-            with tqdm(total=n_docs, desc="encoding", unit="doc", disable=not progress) as bar:
-                for start, batch in _batches(_read_cache(cache)):
+            with tqdm(total=cache.count, desc="encoding", unit="doc", disable=not progress) as bar:
+                for start, batch in _batches(cache):
                     encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
                     for writer, flag in ((train, False), (val, True)):
                         ids = [enc.ids + [eos] for i, enc in enumerate(encodings) if is_val[start + i] == flag]
@@ -121,7 +117,7 @@ def prepare(
                             writer.add(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64), len(ids))
                     bar.update(len(batch))
             splits = {"train": train.close(), "val": val.close()}
-        cache.unlink()
+        cache.path.unlink()
         write_meta(
             tmp,
             {
@@ -147,3 +143,64 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class _DocumentCache:
+    """Length-prefixed UTF-8 documents on disk, so pass 2 re-reads exactly what pass 1 saw."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+
+    def record(self, docs: Iterable[str], bar: tqdm) -> Iterator[str]:
+        """Write each document to the cache while passing it on (to the tokenizer trainer)."""
+        with open(self.path, "wb") as f:
+            for doc in docs:
+                raw = doc.encode("utf-8")
+                f.write(_LENGTH.pack(len(raw)))
+                f.write(raw)
+                self.count += 1
+                bar.update()
+                yield doc
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as f:
+            while header := f.read(_LENGTH.size):
+                (size,) = _LENGTH.unpack(header)
+                yield f.read(size).decode("utf-8")
+
+
+def _batches(docs: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
+    """Group documents into ~1 MB batches for encode_batch; yields (index of first document, batch)."""
+    start, batch, size = 0, [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= ENCODE_BATCH_BYTES:
+            yield start, batch
+            start, batch, size = start + len(batch), [], 0
+    if batch:
+        yield start, batch
+
+
+def _choose_val(n_docs: int, val_fraction: float, min_val: int, seed: int, sources: list[str]) -> np.ndarray:
+    """Mark validation documents from (seed, document index) only, topping up to min_val documents.
+
+    Document i gets score u_i, the i-th draw of default_rng(seed); it is held out when
+    u_i < val_fraction, or when it is among the min_val lowest scores.
+    """
+    corpus = ", ".join(sources)
+    if n_docs == 0:
+        raise SuperposeError(f"corpus {corpus} has no documents")
+    if n_docs < min_val + 1:
+        raise SuperposeError(
+            f"corpus {corpus} has {n_docs} document(s): too few for {min_val} validation document(s)"
+            " and at least one training document"
+        )
+    scores = np.random.default_rng(seed).random(n_docs)
+    is_val = scores < val_fraction
+    if is_val.sum() < min_val:
+        is_val[np.argsort(scores, kind="stable")[:min_val]] = True
+    if is_val.all():
+        is_val[np.argmax(scores)] = False
+    return is_val

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from superpose.data.tokenizer import eos_id as find_eos_id
-from superpose.data.tokenizer import load_tokenizer
+from superpose.data.tokenizer import load_tokenizer, vocab_size_of
 from superpose.errors import SuperposeError
 
 FORMAT = "superpose-tokens"
@@ -187,6 +187,8 @@ def open_dataset(path: str | Path, tokenizer: str | None = None) -> TokenDataset
     if file_sha256(tok_path) != meta["tokenizer_sha256"]:
         raise SuperposeError(f"{tok_path} was modified: its sha256 differs from {META_FILE}")
     tok = load_tokenizer(str(tok_path))
+    if vocab_size_of(tok) != meta["vocab_size"]:
+        raise SuperposeError(f"{tok_path} has {vocab_size_of(tok)} token ids but {META_FILE} says {meta['vocab_size']}")
     if find_eos_id(tok) != meta["eos_id"]:
         raise SuperposeError(f"{tok_path} has EOS id {find_eos_id(tok)} but {META_FILE} says {meta['eos_id']}")
 

@@ -1,0 +1,116 @@
+"""The trainer end to end on CPU: metrics, checkpoints at the phase switch, exact resume, one code path at bag 1."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from superpose import method
+from superpose.data.loader import WindowLoader
+from superpose.data.shards import open_dataset
+from superpose.errors import SuperposeError
+from superpose.models import build_model
+from superpose.train.checkpoint import list_checkpoints, load_checkpoint
+from superpose.train.loop import train
+from superpose.train.metrics import read_metrics
+from superpose.train.step import TrainModule
+
+
+def losses(run_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_run_logs_phases_and_checkpoints(tiny_config):
+    cfg = tiny_config()
+    result = train(cfg, progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["bag"] for r in rows] == [4] * 6 + [1] * 6
+    assert [r["phase"] for r in rows] == [1] * 6 + [2] * 6
+    # phase 1 reads (L+1)*bag tokens per sequence, phase 2 L+1; model FLOPs per step stay the same
+    per_step = [b["text_tokens"] - a["text_tokens"] for a, b in zip(rows, rows[1:])]
+    assert per_step[:5] == [4 * 17 * 4] * 5 and per_step[-1] == 4 * 17
+    flops = [b["flops"] - a["flops"] for a, b in zip(rows, rows[1:])]
+    assert len(set(flops)) == 1 and flops[0] > 0
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12]
+    assert result.final_val_loss == rows[-1]["val_loss"]
+    for key in ("lr", "grad_norm", "wall_time", "tokens_per_s"):
+        assert all(key in r for r in rows)
+    names = [p.name for p in list_checkpoints(result.run_dir)]
+    # periodic 4, 8 pruned to keep=2 -> both kept; the switch (6) and the final (12) are always kept
+    assert names == ["step-0000004", "step-0000006", "step-0000008", "step-0000012"]
+    switch = json.loads((result.run_dir / "checkpoints/step-0000006/state.json").read_text())
+    assert (switch["phase"], switch["bag"], switch["keep_always"]) == (1, 4, True)
+    assert (result.run_dir / "config.toml").read_text() == cfg.to_toml()
+    assert (result.run_dir / "checkpoints/step-0000006/config.toml").read_text() == cfg.to_toml()
+    assert list((result.run_dir / "tb").iterdir())
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["stages"] == [{"bag": 4, "end_step": 6}, {"bag": 1, "end_step": 12}]
+
+
+@pytest.mark.parametrize("resume_from", ["step-0000004", "step-0000006", "step-0000008"])
+def test_resume_reproduces_uninterrupted_losses(tiny_config, resume_from):
+    full = train(tiny_config("full"), progress=False)
+    cut = tiny_config("cut")
+    train(cut, progress=False)
+    # simulate a run killed after `resume_from`: later checkpoints and metrics never happened
+    for ckpt in list_checkpoints(cut.run_dir):
+        if ckpt.name > resume_from:
+            shutil.rmtree(ckpt)
+    resumed = train(cut, resume=True, progress=False)
+    assert losses(resumed.run_dir) == losses(full.run_dir)
+    assert resumed.final_val_loss == full.final_val_loss
+    assert resumed.text_tokens == full.text_tokens
+
+
+def test_rerun_into_existing_run_is_refused(tiny_config):
+    cfg = tiny_config()
+    train(cfg, progress=False)
+    before = (cfg.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SuperposeError, match="already holds a run"):
+        train(cfg, progress=False)
+    assert (cfg.run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_shape_mismatch_is_one_line_error(tiny_config):
+    cfg = tiny_config(train={"steps": 4})
+    result = train(cfg, progress=False)
+    other = build_model("small", 512)
+    with pytest.raises(SuperposeError, match="does not match the model"):
+        load_checkpoint(result.run_dir, other, None)
+
+
+def test_bag_one_step_equals_plain_huggingface_loss(embedded_data, tiny_config):
+    """The TST code path at bag 1 computes exactly the model's own next-token loss (labels=...)."""
+    cfg = tiny_config(tst={"bag": 1, "ratio": 0.0})
+    data = open_dataset(embedded_data)
+    model = build_model("tiny", data.vocab_size, seed=0)
+    window = WindowLoader(data.split("train"), 4, 0).next_batch(method.window_length(16, 1))
+    ours, _ = TrainModule(model, cfg, torch.device("cpu")).loss(window, 1, "both")
+    logits = model(input_ids=window[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("mode", ["input", "output"])
+def test_ablation_modes_train(tiny_config, mode):
+    result = train(tiny_config(mode, tst={"mode": mode}, train={"steps": 8}), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    tokens = rows[0]["text_tokens"]
+    assert tokens == 4 * method.window_length(16, 4, mode)
+
+
+def test_gradient_accumulation_matches_full_batch(tiny_config):
+    a = train(tiny_config("full", train={"steps": 3}), progress=False)
+    b = train(tiny_config("accum", train={"steps": 3, "micro_batch_size": 2}), progress=False)
+    for (_, x), (_, y) in zip(losses(a.run_dir), losses(b.run_dir)):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_moe_preset_trains_with_router_loss(tiny_config):
+    result = train(tiny_config("moe", model={"preset": "tiny-moe"}, train={"steps": 8}), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert all(r["aux_loss"] > 0 for r in rows)
