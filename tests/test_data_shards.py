@@ -163,6 +163,20 @@ def test_missing_corpus_fails_and_writes_nothing(tmp_path: Path, corpus: tuple[P
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("given_tokenizer", [False, True])
+def test_bad_record_mid_corpus_fails_and_writes_nothing(tmp_path: Path, given_tokenizer: bool) -> None:
+    src = write_corpus(tmp_path / "c", make_docs(5))
+    (src / "z.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n", encoding="utf-8")
+    kwargs: dict = {"vocab_size": 300}
+    if given_tokenizer:
+        train_tokenizer(make_docs(5), 300).save(str(tmp_path / "tok.json"))
+        kwargs = {"tokenizer": str(tmp_path / "tok.json")}
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SuperposeError, match=r"z\.jsonl has no field 'text' \(fields: body\)"):
+        prepare([str(src)], tmp_path / "o", progress=False, **kwargs)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_nonempty_output_folder_is_refused_and_untouched(tmp_path: Path, corpus: tuple[Path, list[str]]) -> None:
     out = tmp_path / "o"
     out.mkdir()

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from superpose import __version__
@@ -32,7 +31,7 @@ from superpose.data.shards import (
     token_dtype,
     write_meta,
 )
-from superpose.data.tokenizer import MIN_VOCAB_SIZE, eos_id, load_tokenizer, train_tokenizer, vocab_size_of
+from superpose.data.tokenizer import check_vocab_size, eos_id, load_tokenizer, train_tokenizer, vocab_size_of
 from superpose.errors import SuperposeError
 
 CACHE_FILE = "documents.cache"
@@ -70,8 +69,8 @@ def prepare(
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is not None:
         eos_id(tok)
-    elif vocab_size < MIN_VOCAB_SIZE:
-        raise SuperposeError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+    else:
+        check_vocab_size(vocab_size)
     if not 0 < val_fraction < 1:
         raise SuperposeError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if min_val_documents < 1:

@@ -19,10 +19,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE: every string round-trips exactly, so no text is lost to <unk>."""
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise SuperposeError(
-            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE}"
-        )
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -34,6 +31,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary too small for the byte alphabet, before any corpus is read."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise SuperposeError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
