@@ -10,7 +10,15 @@ def test_two_phase_boundary():
     assert [s.bag_at(i) for i in (0, 29, 30, 99)] == [6, 6, 1, 1]
     assert s.switch_steps() == [30]
     assert s.stage_at(29) == 0 and s.stage_at(30) == 1
-    assert s.max_bag() == 6
+    assert s.bags() == [6, 1]
+
+
+def test_empty_stages_dropped_and_equal_neighbours_merged():
+    s = PhaseSchedule([(0.0, 8), (0.2, 4), (0.4, 4), (1.0, 1)], total_steps=10)
+    assert s.bags() == [4, 1] and s.ends == [4, 10]
+    assert s.stage_at(0) == 0 and s.stage_at(4) == 1
+    baseline = PhaseSchedule.two_phase(4, 0.0, 10)
+    assert baseline.bags() == [1] and baseline.stage_at(9) == 0
 
 
 def test_multi_stage_with_steps_and_fractions():

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a tiny TST model at equal steps, batch and FLOPs per step, compare.")
     p.add_argument("--out", default="runs/demo", help="folder for the data and both runs (default runs/demo)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
-    p.add_argument("--max-bytes", type=int, default=8_000_000, help="embedded corpus size (default 8 MB)")
+    p.add_argument("--max-bytes", type=int, default=12_000_000,
+                   help="embedded corpus size (default 12 MB, so TST reads no token twice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

@@ -27,12 +27,12 @@ def demo_config(out: Path, name: str, steps: int, bag: int, ratio: float) -> Run
         "tst": {"bag": bag, "ratio": ratio},
         "optim": {"lr": 2e-3, "warmup_steps": max(1, steps // 20), "decay_fraction": 0.2},
         "train": {"steps": steps, "batch_size": 16, "seq_len": 128, "device": "cpu", "log_every": max(1, steps // 100)},
-        "eval": {"every": max(1, steps // 10), "batches": 4},
+        "eval": {"every": max(1, steps // 10), "batches": 8},
         "checkpoint": {"every": max(1, steps // 4), "keep": 1},
     })
 
 
-def run_demo(out: Path, steps: int = 600, max_bytes: int = 8_000_000, bag: int = 4, ratio: float = 0.3,
+def run_demo(out: Path, steps: int = 600, max_bytes: int = 12_000_000, bag: int = 4, ratio: float = 0.3,
              progress: bool = True) -> dict[str, RunResult]:
     """Prepare the embedded corpus once, train both runs (or finish them if interrupted), print the comparison."""
     configs = {
@@ -41,7 +41,7 @@ def run_demo(out: Path, steps: int = 600, max_bytes: int = 8_000_000, bag: int =
     }
     data = out / "data"
     if not (data / "meta.json").is_file():
-        prepare(["embedded"], data, vocab_size=DEMO_VOCAB, max_bytes=max_bytes, progress=progress)
+        prepare(["embedded"], data, vocab_size=DEMO_VOCAB, max_bytes=max_bytes, val_fraction=0.03, progress=progress)
     results = {name: train(cfg, resume=bool(list_checkpoints(cfg.run_dir)), progress=progress)
                for name, cfg in configs.items()}
     base, tst = results["baseline"], results["tst"]

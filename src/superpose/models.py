@@ -68,44 +68,34 @@ _OVERRIDABLE = frozenset(f.name for f in dataclasses.fields(Preset)) - {
 _LLAMA3_VOCAB = 128_256
 _QWEN3_VOCAB = 151_936
 
+_TINY = Preset(
+    name="tiny",
+    family="llama",
+    description="Llama, ~1.3M params at vocab 4096; trains on a 2-core CPU in minutes (smoke tests).",
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=384,
+    vocab_size=4096,
+    tie_word_embeddings=True,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset(
-            name="tiny",
-            family="llama",
-            description="Llama, ~1.3M params at vocab 4096; trains on a 2-core CPU in minutes (smoke tests).",
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=384,
-            vocab_size=4096,
-            tie_word_embeddings=True,
-        ),
-        Preset(
+        _TINY,
+        dataclasses.replace(
+            _TINY,
             name="tiny-qwen3",
             family="qwen3",
             description="Qwen3 (qk-norm) at the size of `tiny`, to check TST across families on a CPU.",
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=384,
-            vocab_size=4096,
-            tie_word_embeddings=True,
         ),
-        Preset(
+        dataclasses.replace(
+            _TINY,
             name="tiny-moe",
             family="qwen3_moe",
             description="Qwen3-MoE, 8 experts top-2 at `tiny` width; exercises routing and aux loss on a CPU.",
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=384,
-            vocab_size=4096,
-            tie_word_embeddings=True,
             num_experts=8,
             num_experts_per_tok=2,
             moe_intermediate_size=128,

@@ -22,7 +22,10 @@ class Stage:
 
 
 class PhaseSchedule:
-    """Resolved stages for a run of ``total_steps`` optimizer steps; ``bag_at(step)`` is the only query a loop needs."""
+    """Resolved stages for a run of ``total_steps`` optimizer steps; ``bag_at(step)`` is the only query a loop needs.
+
+    ``stages``/``ends`` hold the phases the run trains: each a bag and its exclusive end step, in order.
+    """
 
     def __init__(self, stages: Sequence[Stage | tuple[int | float, int]], total_steps: int):
         if total_steps < 1:
@@ -30,9 +33,9 @@ class PhaseSchedule:
         if not stages:
             raise ValueError("a phase schedule needs at least one stage")
         self.total_steps = total_steps
-        self.stages = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
+        stages_in = [s if isinstance(s, Stage) else Stage(*s) for s in stages]
         ends: list[int] = []
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(stages_in):
             if isinstance(stage.bag, bool) or not isinstance(stage.bag, int) or stage.bag < 1:
                 raise ValueError(f"stage {i}: bag must be an integer >= 1, got {stage.bag!r}")
             ends.append(self._end_step(i, stage.until))
@@ -40,7 +43,18 @@ class PhaseSchedule:
                 raise ValueError(f"stage {i} ends at step {ends[-1]}, before the stage before it; stages must be in order")
         if ends[-1] < total_steps:
             raise ValueError(f"the last stage ends at step {ends[-1]} but the run has {total_steps} steps; end it at 1.0")
-        self.ends = ends
+        # Phases are what a run actually trains: drop empty stages, merge neighbours with the same bag.
+        self.stages, self.ends = [], []
+        start = 0
+        for stage, end in zip(stages_in, ends):
+            end = min(end, total_steps)
+            if end > start:
+                if self.stages and self.stages[-1].bag == stage.bag:
+                    self.ends[-1] = end
+                else:
+                    self.stages.append(Stage(end, stage.bag))
+                    self.ends.append(end)
+                start = end
 
     def _end_step(self, i: int, until: int | float) -> int:
         if isinstance(until, bool) or not isinstance(until, (int, float)):
@@ -61,7 +75,7 @@ class PhaseSchedule:
         return cls([Stage(float(ratio), bag), Stage(1.0, 1)], total_steps)
 
     def stage_at(self, step: int) -> int:
-        """Index of the stage that step ``step`` (0-based) trains in; zero-length stages are skipped."""
+        """Index of the phase (resolved stage) that step ``step`` (0-based) trains in."""
         for i, end in enumerate(self.ends):
             if step < end:
                 return i
@@ -71,11 +85,12 @@ class PhaseSchedule:
         return self.stages[self.stage_at(step)].bag
 
     def switch_steps(self) -> list[int]:
-        """Steps at which the bag size changes (the first step of a new bag)."""
-        return [s for s in range(1, self.total_steps) if self.bag_at(s) != self.bag_at(s - 1)]
+        """Steps at which the bag size changes (the first step of a new phase)."""
+        return self.ends[:-1]
 
-    def max_bag(self) -> int:
-        return max(self.bag_at(s) for s in {0, *self.switch_steps()})
+    def bags(self) -> list[int]:
+        """Bag sizes the run trains at, in phase order."""
+        return [stage.bag for stage in self.stages]
 
 
 def lr_at(

@@ -55,7 +55,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
     schedule = cfg.phase_schedule()
     L, B = cfg.train.seq_len, cfg.train.batch_size
     train_stream, val_stream = data.split("train"), data.split("val")
-    for bag in sorted({schedule.bag_at(s) for s in [0, *schedule.switch_steps()]}):
+    for bag in sorted(set(schedule.bags())):
         check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
     val_windows = validation_windows(val_stream, cfg.micro_batch_size, L, cfg.eval.batches)
     model_config(cfg.model.preset, data.vocab_size)  # unknown preset: fail before writing
@@ -125,7 +125,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
             if done % cfg.train.log_every == 0 or "val_loss" in row or done in switches or done == cfg.train.steps:
                 writer.write(row)
             bar.update(1)
-            bar.set_postfix(phase=row["phase"], bag=bag, loss=f"{metrics['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix({"phase": row["phase"], "bag": bag, "loss": f"{metrics['loss']:.3f}",
+                             "tok/s": f"{row['tokens_per_s']:.0f}"})
             if done in switches or done == cfg.train.steps:
                 snapshot(done, keep_always=True)
             elif cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
