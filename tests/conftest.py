@@ -12,24 +12,29 @@ def embedded_data(tmp_path_factory):
     return out
 
 
+def make_tiny_config(data_path, out_dir, name: str = "run", **sections) -> RunConfig:
+    """A seconds-long CPU run: tiny preset, 12 steps, bag 4 for the first half, B=4, L=16."""
+    data = {
+        "name": name,
+        "out_dir": str(out_dir),
+        "model": {"preset": "tiny"},
+        "data": {"path": str(data_path)},
+        "tst": {"bag": 4, "ratio": 0.5},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 16, "device": "cpu", "log_every": 1},
+        "eval": {"every": 4, "batches": 2},
+        "checkpoint": {"every": 4, "keep": 2},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return config_from_dict(data)
+
+
 @pytest.fixture
 def tiny_config(embedded_data, tmp_path):
-    """Factory of a seconds-long CPU run: tiny preset, 12 steps, bag 4 for the first half."""
+    """Factory of tiny run configs writing under this test's tmp_path (see make_tiny_config)."""
 
     def make(name: str = "run", **sections) -> RunConfig:
-        data = {
-            "name": name,
-            "out_dir": str(tmp_path / "runs"),
-            "model": {"preset": "tiny"},
-            "data": {"path": str(embedded_data)},
-            "tst": {"bag": 4, "ratio": 0.5},
-            "optim": {"lr": 3e-3, "warmup_steps": 2},
-            "train": {"steps": 12, "batch_size": 4, "seq_len": 16, "device": "cpu", "log_every": 1},
-            "eval": {"every": 4, "batches": 2},
-            "checkpoint": {"every": 4, "keep": 2},
-        }
-        for section, values in sections.items():
-            data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
-        return config_from_dict(data)
+        return make_tiny_config(embedded_data, tmp_path / "runs", name, **sections)
 
     return make

@@ -75,7 +75,7 @@ def test_lanes_read_contiguous_text_across_window_lengths(counting: TokenStream)
         np.testing.assert_array_equal(got[b], (starts[b] + np.arange(63)) % N_TRAIN)
         # ... starting one lane after row b-1
         assert (starts[b] - starts[0]) % N_TRAIN == b * lane_len
-        assert starts[b] == loader.lane_start(b)
+        assert starts[b] == loader.lane_starts[b]
     assert loader.tokens_consumed == 4 * 63
 
 
@@ -83,7 +83,7 @@ def test_windows_decode_to_the_original_text(text_dataset) -> None:
     ds, docs = text_dataset
     stream = ds.split("train")
     loader = WindowLoader(stream, 3, seed=5)
-    starts = [loader.lane_start(b) for b in range(3)]
+    starts = [int(loader.lane_starts[b]) for b in range(3)]
     got = rows(loader, [9, 9, 36, 9])
     joined = "".join(docs)
     for b in range(3):
@@ -95,21 +95,29 @@ def test_windows_decode_to_the_original_text(text_dataset) -> None:
             assert piece in joined
 
 
-def test_one_epoch_reads_each_token_at_most_once_then_wraps(counting: TokenStream) -> None:
+def test_a_pass_reads_each_token_exactly_once_then_carries_on(counting: TokenStream) -> None:
     loader = WindowLoader(counting, 4, seed=1)
-    lane_len = N_TRAIN // 4  # 250: 6 windows of 40 fit, the 10-token tail ends the epoch
-    start0 = loader.lane_start(0)
-    first = rows(loader, [40] * 6)
+    assert list(loader.lane_lens) == [250] * 4
+    first = rows(loader, [40] * 6)  # 240 of each lane's 250 tokens
     assert len(np.unique(first)) == first.size == 4 * 240
     assert loader.epoch == 0
-    wrapped = loader.next_batch(40).numpy()
+    wrapped = loader.next_batch(40).numpy()  # the last 10 tokens of each lane, then its first 30 again
     assert loader.epoch == 1
-    assert loader.lane_start(0) != start0, "each epoch starts the lanes at a new rotation"
-    assert loader.tokens_consumed == 7 * 4 * 40
     for b in range(4):
-        np.testing.assert_array_equal(wrapped[b], (loader.lane_start(b) + np.arange(40)) % N_TRAIN)
-    assert loader.state_dict()["lane_offset"] == 40
-    assert lane_len == 250
+        lane = (loader.lane_starts[b] + np.arange(250)) % N_TRAIN
+        np.testing.assert_array_equal(wrapped[b], np.concatenate([lane[240:], lane[:30]]))
+    seen = np.concatenate([first.ravel(), wrapped[:, :10].ravel()])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(N_TRAIN))  # every token once: no gap, no overlap
+    assert loader.tokens_consumed == 7 * 4 * 40
+    assert loader.state_dict()["position"] == 280
+
+
+def test_uneven_lanes_drop_nothing(counting: TokenStream) -> None:
+    loader = WindowLoader(counting, 7, seed=2)  # 1000 = 6 lanes of 143 + 1 of 142
+    assert sorted(loader.lane_lens) == [142] + [143] * 6
+    first_pass = loader.offsets(143)
+    seen = np.concatenate([first_pass[b, : loader.lane_lens[b]] for b in range(7)])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(N_TRAIN))
 
 
 def test_resume_gives_identical_batches(counting: TokenStream) -> None:
@@ -127,6 +135,7 @@ def test_resume_gives_identical_batches(counting: TokenStream) -> None:
             assert torch.equal(resumed.next_batch(w), want)
         assert resumed.tokens_consumed == straight.tokens_consumed
         assert resumed.epoch == straight.epoch == 1
+        assert resumed.position == straight.position
 
 
 def test_output_is_a_function_of_seed(counting: TokenStream) -> None:
@@ -154,24 +163,35 @@ def test_check_window_error(counting: TokenStream) -> None:
     assert loader.tokens_consumed == 0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     batch=st.integers(1, 8),
     seed=st.integers(0, 2**32),
-    windows=st.lists(st.integers(1, 60), min_size=1, max_size=12),
+    windows=st.lists(st.integers(1, 60), min_size=1, max_size=30),
+    cut=st.integers(0, 30),
 )
-def test_property_rows_are_contiguous_within_an_epoch(counting: TokenStream, batch: int, seed: int, windows: list[int]) -> None:
+def test_property_exact_accounting_across_window_lengths_and_resume(
+    counting: TokenStream, batch: int, seed: int, windows: list[int], cut: int
+) -> None:
+    """Record the stream offsets every row consumes: within a pass no token twice, after a full pass all of them."""
     loader = WindowLoader(counting, batch, seed)
-    offset = 0
-    for w in windows:
-        epoch = loader.epoch
+    consumed: list[np.ndarray] = []
+    for i, w in enumerate(windows):
+        if i == cut:  # a resume mid-way changes nothing
+            state = json.loads(json.dumps(loader.state_dict()))
+            loader = WindowLoader(counting, batch, seed)
+            loader.load_state_dict(state)
+        offsets = loader.offsets(w)
         out = loader.next_batch(w).numpy()
-        if loader.epoch != epoch:
-            offset = 0
-        for b in range(batch):
-            np.testing.assert_array_equal(out[b], (loader.lane_start(b) + offset + np.arange(w)) % N_TRAIN)
-        offset += w
-        assert offset <= N_TRAIN // batch
+        np.testing.assert_array_equal(out, offsets)  # counting stream: a token's value is its position
+        consumed.append(offsets)
+    per_row = np.concatenate(consumed, axis=1)
+    for b in range(batch):
+        lane_len = int(loader.lane_lens[b])
+        lane = (loader.lane_starts[b] + np.arange(lane_len)) % N_TRAIN
+        # row b is lane b read in order, cycling: token k of the row is lane[k % lane_len]
+        np.testing.assert_array_equal(per_row[b], lane[np.arange(per_row.shape[1]) % lane_len])
+    assert loader.tokens_consumed == batch * sum(windows)
 
 
 def test_validation_windows(counting: TokenStream) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
+    if result.stopped:
+        print(f"{result.run_dir}: stopped by {result.stopped} after {result.steps} steps; a checkpoint was saved, "
+              f"continue with --resume")
+        return 128 + signal.Signals[result.stopped].value
     print(f"{result.run_dir}: {result.steps} steps, final val loss {result.final_val_loss:.4f}, "
           f"{result.text_tokens:,} text tokens, {result.wall_time:.0f}s")
     return 0
@@ -39,10 +44,95 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _comparison_config(args: argparse.Namespace, tst: list[str]):
+    from .train.config import load_config
+
+    return load_config(args.config, [*args.overrides, *tst])
+
+
+def _finish_report(args: argparse.Namespace, result, title: str, extra_md: str = "", extra_plots=()) -> int:
+    import shlex
+
+    from .compare import write_report
+
+    path = write_report(result, Path(args.out), title, shlex.join(["superpose", *args.argv]), extra_md, extra_plots)
+    print(f"\n{'variant':<28} {'final val loss':>16} {'iso-loss speedup':>18}")
+    for x in result.summaries:
+        print(f"{x['label']:<28} {x['final_val_loss_mean']:>16.4f} {x['speedup_text']:>18}")
+    print(f"{result.recommendation}\nreport: {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, variants_for
+
+    tst = [f"tst.schedule={args.schedule}"] if args.schedule else []
+    tst += [f"tst.bag={args.bag}", "tst.schedule=[]"] if args.bag is not None else []
+    tst += [f"tst.ratio={args.ratio}", "tst.schedule=[]"] if args.ratio is not None else []
+    base = _comparison_config(args, tst)
+    result = compare(base, variants_for(base, args.ablation), args.seeds, args.family,
+                     Path(args.runs or Path(args.out) / "runs"), progress=not args.quiet)
+    return _finish_report(args, result, f"TST vs baseline at matched FLOPs: {base.name}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .compare import sweep, sweep_extras
+
+    base = _comparison_config(args, [])
+    result = sweep(base, args.bags, args.ratios, args.seeds, args.family,
+                   Path(args.runs or Path(args.out) / "runs"), progress=not args.quiet)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    extra_md, extra_plots = sweep_extras(result, Path(args.out))
+    return _finish_report(args, result, f"TST sweep over bag x ratio: {base.name}", extra_md, extra_plots)
+
+
 def _presets(args: argparse.Namespace) -> int:
     from .models import describe_presets
 
     print(describe_presets())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    print(f"exported {export(args.source, args.out)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    print(args.prompt + generate(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                 args.device))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    tasks = [t for t in args.tasks.split(",") if t and t != "none"]
+    if not tasks and args.data is None:
+        raise SuperposeError("nothing to evaluate: --tasks none needs --data")
+    output = args.output or Path(args.source) / "eval.json"
+    run_eval(args.source, tasks, output, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+             data=args.data, seq_len=args.seq_len, batches=args.val_batches, batch_size=args.batch_size,
+             device=args.device)
+    print(f"wrote {output}")
     return 0
 
 
@@ -90,6 +180,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 
+    p = sub.add_parser("export", help="write a run as a plain Hugging Face model folder",
+                       description="Write a run's newest checkpoint (or the given checkpoint, single-process or "
+                                   "sharded) as config.json, model.safetensors, generation_config.json and tokenizer "
+                                   "files that transformers loads alone (AutoModelForCausalLM, AutoTokenizer).")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="sample text from a run or an exported model",
+                       description="Continue a prompt with model.generate (top-p sampling; temperature 0 is greedy).")
+    p.add_argument("source", metavar="RUN_OR_EXPORT", help="run folder, checkpoint folder or exported model folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a document)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="downstream tasks (lm-evaluation-harness) and validation perplexity",
+                       description="Evaluate a run or an exported model on lm-eval tasks (the paper's by default; "
+                                   "needs `pip install superpose[eval]`) and, with --data, validation perplexity and "
+                                   "bits per byte on a prepared corpus. Results go to JSON and a printed table.")
+    p.add_argument("source", metavar="RUN_OR_EXPORT", help="run folder, checkpoint folder or exported model folder")
+    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,mmlu",
+                   help="comma-separated lm-eval tasks or groups, or 'none' (default: the paper's four)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--limit", type=float, help="examples per task (a count, or a fraction below 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--data", help="prepared corpus folder: also report validation loss, perplexity, bits per byte")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens of context per validation window (default 256)")
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches of --batch-size windows (default 8)")
+    p.add_argument("--output", help="results JSON (default: SOURCE/eval.json)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.set_defaults(func=_eval)
+
+    def comparison_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="TOML config of the run to compare (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
+        p.add_argument("--seeds", type=int, default=1, help="seeds per arm, each with its own baseline family "
+                                                            "(report: mean and spread; default 1)")
+        p.add_argument("--family", type=_floats, default=[0.5, 1.0, 2.0, 4.0],
+                       help="baseline lengths as multiples of train.steps, must include 1 (default 0.5,1,2,4)")
+        p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
+        p.add_argument("--runs", help="folder of the runs (default OUT/runs); finished runs with the same config "
+                                      "are reused, so comparisons can share baselines")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("compare", help="iso-loss speedup of TST over a baseline at matched FLOPs",
+                       description="Train a baseline family (forked from one constant-LR trunk) and TST run(s) with "
+                                   "the same model, init, batch, positions, optimizer and LR schedule; report the "
+                                   "baseline steps, FLOPs and wall-clock that reach the TST final validation loss.")
+    comparison_options(p)
+    p.add_argument("--bag", type=int, help="TST bag size s (default: the config's tst.bag)")
+    p.add_argument("--ratio", type=float, help="fraction of steps in superposition r (default: the config's)")
+    p.add_argument("--schedule", help="multi-stage bags as TOML, e.g. '[[0.1, 8], [0.2, 4], [1.0, 1]]'")
+    p.add_argument("--ablation", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=["both"],
+                   help="objectives to run, comma-separated: both (TST), input, output (default both)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("sweep", help="compare over a grid of bag sizes x ratios, with heatmaps",
+                       description="Run compare for every (bag, ratio) of the grid, sharing the baseline family; "
+                                   "write a grid table and heatmaps of final loss and iso-loss speedup.")
+    comparison_options(p)
+    p.add_argument("--bags", type=_ints, default=[2, 4, 8], help="bag sizes (default 2,4,8)")
+    p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3], help="ratios (default 0.1,0.2,0.3)")
+    p.set_defaults(func=_sweep)
+
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=_presets)
     return parser
@@ -97,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except SuperposeError as e:
         print(f"superpose: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("superpose: interrupted", file=sys.stderr)
         return 130

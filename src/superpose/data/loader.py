@@ -28,11 +28,13 @@ def check_window(stream: TokenStream, batch_size: int, window_len: int) -> None:
 
 
 class WindowLoader:
-    """Batches of non-overlapping windows read sequentially from batch_size lanes of the stream.
+    """Batches of windows read sequentially from batch_size lanes of the stream, losslessly.
 
-    Each epoch starts the lanes at a rotation of the stream drawn from (seed, epoch), so different
-    seeds see the text in different places while the output stays a pure function of the seed and
-    the state. A lane tail shorter than the requested window ends the epoch.
+    The stream, rotated by an offset drawn from the seed, is cut into batch_size contiguous lanes whose lengths
+    differ by at most one token (no remainder is dropped). Row b reads lane b front to back and, at the lane's
+    end, carries straight on from its start: every token is read exactly once per pass, in order, whatever the
+    window lengths (phase-1 windows are bag x longer) and wherever a resume happens. The whole position is one
+    integer, the tokens each lane has read.
     """
 
     def __init__(self, stream: TokenStream, batch_size: int, seed: int) -> None:
@@ -47,39 +49,52 @@ class WindowLoader:
         self.stream = stream
         self.batch_size = batch_size
         self.seed = seed
-        self.lane_len = len(stream) // batch_size
-        self._epoch = 0
-        self._lane_offset = 0
-        self._tokens_consumed = 0
+        n = len(stream)
+        base, extra = divmod(n, batch_size)
+        self.lane_lens = np.array([base + (b < extra) for b in range(batch_size)], dtype=np.int64)
+        rotation = int(np.random.default_rng(seed).integers(n))
+        self.lane_starts = (rotation + np.concatenate([[0], np.cumsum(self.lane_lens)[:-1]])) % n
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        """Tokens each lane has read so far (all lanes advance together)."""
+        return self._position
 
     @property
     def epoch(self) -> int:
-        """Completed passes over the stream."""
-        return self._epoch
+        """Completed passes of the shortest lane: every token has been read ``epoch`` times at least."""
+        return self._position // int(self.lane_lens.min())
 
     @property
     def tokens_consumed(self) -> int:
-        """Text tokens returned so far, over all epochs (batch_size * window_len per call)."""
-        return self._tokens_consumed
+        """Text tokens returned so far, over all passes."""
+        return self._position * self.batch_size
 
-    def lane_start(self, lane: int) -> int:
-        """Stream position where `lane` starts in the current epoch (positions wrap around the stream)."""
-        rotation = int(np.random.default_rng((self.seed, self._epoch)).integers(len(self.stream)))
-        return (rotation + lane * self.lane_len) % len(self.stream)
+    def offsets(self, window_len: int) -> np.ndarray:
+        """Stream positions [batch_size, window_len] the next batch will hold (for accounting; reads nothing)."""
+        steps = self._position + np.arange(window_len)
+        return (self.lane_starts[:, None] + steps[None, :] % self.lane_lens[:, None]) % len(self.stream)
 
     def next_batch(self, window_len: int) -> torch.Tensor:
         """The next window of every lane: a LongTensor [batch_size, window_len]."""
         check_window(self.stream, self.batch_size, window_len)
-        if self._lane_offset + window_len > self.lane_len:
-            self._epoch += 1
-            self._lane_offset = 0
-        rows = [self._read_cyclic(self.lane_start(b) + self._lane_offset, window_len) for b in range(self.batch_size)]
-        self._lane_offset += window_len
-        self._tokens_consumed += self.batch_size * window_len
+        rows = [self._read_lane(b, window_len) for b in range(self.batch_size)]
+        self._position += window_len
         return torch.from_numpy(np.stack(rows))
 
+    def _read_lane(self, lane: int, length: int) -> np.ndarray:
+        """Read ``length`` tokens of a lane from the current position, wrapping at the lane's end."""
+        lane_len = int(self.lane_lens[lane])
+        at = self._position % lane_len
+        head = min(length, lane_len - at)
+        parts = [self._read_cyclic(int(self.lane_starts[lane]) + at, head)]
+        if head < length:
+            parts.append(self._read_cyclic(int(self.lane_starts[lane]), length - head))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
     def _read_cyclic(self, start: int, length: int) -> np.ndarray:
-        """Read with wrap-around, because the epoch's rotation lets a lane run past the stream's end."""
+        """Read with wrap-around, because the seed's rotation lets a lane run past the stream's end."""
         n = len(self.stream)
         start %= n
         head = min(length, n - start)
@@ -89,14 +104,8 @@ class WindowLoader:
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints for a checkpoint; loading them makes the next batches identical to an uninterrupted run."""
-        return {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "stream_tokens": len(self.stream),
-            "epoch": self._epoch,
-            "lane_offset": self._lane_offset,
-            "tokens_consumed": self._tokens_consumed,
-        }
+        return {"seed": self.seed, "batch_size": self.batch_size, "stream_tokens": len(self.stream),
+                "position": self._position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore a position; refuse state from a different stream, batch size or seed (it would not line up)."""
@@ -105,10 +114,10 @@ class WindowLoader:
                 raise SuperposeError(
                     f"data loader state is for {key} {state.get(key)}, but this run has {key} {ours}"
                 )
-        epoch, offset, consumed = (int(state[k]) for k in ("epoch", "lane_offset", "tokens_consumed"))
-        if epoch < 0 or not 0 <= offset <= self.lane_len or consumed < 0:
-            raise SuperposeError(f"data loader state is corrupt: epoch {epoch}, lane offset {offset}")
-        self._epoch, self._lane_offset, self._tokens_consumed = epoch, offset, consumed
+        position = state.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise SuperposeError(f"data loader state is corrupt: position {position!r}")
+        self._position = position
 
 
 def validation_windows(stream: TokenStream, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:

@@ -110,10 +110,15 @@ class ShardWriter:
 class TokenStream:
     """One split as a single logical token array over memory-mapped shards (nothing is copied up front)."""
 
-    def __init__(self, name: str, dataset_path: Path, files: list[Path], counts: list[int], dtype: np.dtype) -> None:
+    def __init__(
+        self, name: str, dataset_path: Path, files: list[Path], counts: list[int], dtype: np.dtype,
+        vocab_size: int | None = None,
+    ) -> None:
         self.name = name
         self.dataset_path = dataset_path
-        self._maps = [np.memmap(f, dtype=dtype, mode="r") for f, n in zip(files, counts) if n > 0]
+        self.vocab_size = vocab_size
+        self._files = [f for f, n in zip(files, counts) if n > 0]
+        self._maps = [np.memmap(f, dtype=dtype, mode="r") for f in self._files]
         self._starts = [0]
         for m in self._maps:
             self._starts.append(self._starts[-1] + len(m))
@@ -122,7 +127,11 @@ class TokenStream:
         return self._starts[-1]
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) as int64, stitched across shard boundaries."""
+        """Tokens [start, start+length) as int64, stitched across shard boundaries.
+
+        Ids are checked against the vocabulary as they are read (O(window)), so a corrupt shard is a one-line
+        error naming the file, not an index error deep inside the embedding.
+        """
         if start < 0 or length < 0 or start + length > len(self):
             raise IndexError(f"read({start}, {length}) is outside split '{self.name}' of {len(self)} tokens")
         out = np.empty(length, dtype=np.int64)
@@ -131,7 +140,14 @@ class TokenStream:
         while done < length:
             local = start + done - self._starts[shard]
             take = min(length - done, len(self._maps[shard]) - local)
-            out[done : done + take] = self._maps[shard][local : local + take]
+            chunk = self._maps[shard][local : local + take]
+            if self.vocab_size is not None and take and int(chunk.max()) >= self.vocab_size:
+                i = int(np.argmax(chunk >= self.vocab_size))
+                raise SuperposeError(
+                    f"shard {self._files[shard]} is corrupt: token {local + i} has id {int(chunk[i])}, outside the "
+                    f"vocabulary of {self.vocab_size}"
+                )
+            out[done : done + take] = chunk
             done += take
             shard += 1
         return out
@@ -154,7 +170,8 @@ class TokenDataset:
             raise SuperposeError(f"dataset {self.path} has no split '{name}'")
         shards = self.meta["splits"][name]["shards"]
         return TokenStream(
-            name, self.path, [self.path / s["file"] for s in shards], [s["tokens"] for s in shards], self._dtype
+            name, self.path, [self.path / s["file"] for s in shards], [s["tokens"] for s in shards], self._dtype,
+            self.vocab_size,
         )
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..errors import SuperposeError
+from .faults import kill_point
 
 PREFIX = "step-"
 
@@ -53,6 +54,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
+    kill_point("checkpoint", state["step"])
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "config.toml").write_text(config_toml)
     (tmp / "state.json").write_text(json.dumps(state, indent=2))  # written last: its presence marks completeness
@@ -61,6 +63,21 @@ def save_checkpoint(
     os.replace(tmp, final)
     _prune(folder, keep)
     return final
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small file so a reader sees the old or the new content, never half of one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary folders left by a process killed while writing a checkpoint."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for tmp in folder.glob(".tmp-*"):
+            shutil.rmtree(tmp)
 
 
 def _prune(folder: Path, keep: int) -> None:

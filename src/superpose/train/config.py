@@ -29,6 +29,8 @@ else:  # pragma: no cover
 class ModelConfig:
     preset: str = "tiny"
     """Named model shape (see ``superpose presets``); the vocabulary size comes from the prepared data."""
+    overrides: dict = field(default_factory=dict)
+    """Preset shape fields to change, e.g. ``{hidden_size = 256, intermediate_size = 768}`` (width studies)."""
 
 
 @dataclass
@@ -53,6 +55,10 @@ class TSTConfig:
     """Target weights over positions in the next bag: uniform or power (``(k+1)**-alpha``)."""
     alpha: float = 1.0
     """Exponent of the power weighting."""
+    rewarmup_steps: int = 0
+    """Re-warm the LR linearly over this many steps after each bag switch (softens the switch); 0 = off."""
+    rescale_mean: bool = False
+    """Rescale each bag mean to the mean norm of its token embeddings (averaging shrinks it); off by default."""
 
     def stages(self) -> list[Stage]:
         if self.schedule:
@@ -95,6 +101,10 @@ class TrainSection:
     compile: bool = False
     """torch.compile the model (the transformer sees L positions in every phase, so it compiles once)."""
     log_every: int = 10
+    nonfinite: str = "skip"
+    """A non-finite loss or gradient: skip the update (logged, counted) or stop with a checkpoint of the last good state."""
+    max_skips: int = 5
+    """Stop after this many consecutive skipped updates."""
 
 
 @dataclass
@@ -114,6 +124,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Mirror the metrics rows to TensorBoard under the run folder's tb/ (metrics.jsonl is always written)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'superpose[wandb]'; WANDB_MODE=offline logs without a network)."""
+    wandb_project: str = "superpose"
+    """W&B project; the W&B run is named after the run folder and resumes with it."""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run folder name under out_dir."""
@@ -127,6 +147,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -149,6 +170,7 @@ class RunConfig:
             (self.tst.bag >= 1, f"tst.bag: must be >= 1, got {self.tst.bag}"),
             (0.0 <= self.tst.ratio <= 1.0, f"tst.ratio: must be in [0, 1], got {self.tst.ratio}"),
             (self.tst.mode in MODES, f"tst.mode: must be one of {', '.join(MODES)}, got {self.tst.mode!r}"),
+            (self.tst.rewarmup_steps >= 0, f"tst.rewarmup_steps: must be >= 0, got {self.tst.rewarmup_steps}"),
             (self.tst.weighting in WEIGHTINGS, f"tst.weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.tst.weighting!r}"),
             (self.optim.lr > 0, f"optim.lr: must be > 0, got {self.optim.lr}"),
             (0.0 <= self.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {self.optim.min_lr_ratio}"),
@@ -164,6 +186,8 @@ class RunConfig:
             (self.train.seq_len >= 1, f"train.seq_len: must be >= 1, got {self.train.seq_len}"),
             (self.train.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.train.dtype!r}"),
             (self.train.log_every >= 1, f"train.log_every: must be >= 1, got {self.train.log_every}"),
+            (self.train.nonfinite in ("skip", "stop"), f"train.nonfinite: must be skip or stop, got {self.train.nonfinite!r}"),
+            (self.train.max_skips >= 1, f"train.max_skips: must be >= 1, got {self.train.max_skips}"),
             (self.eval.every >= 0, f"eval.every: must be >= 0, got {self.eval.every}"),
             (self.eval.batches >= 1, f"eval.batches: must be >= 1, got {self.eval.batches}"),
             (self.checkpoint.every >= 0, f"checkpoint.every: must be >= 0, got {self.checkpoint.every}"),

@@ -62,12 +62,17 @@ class TrainModule:
 
         with self._autocast():
             loss = method.tst_loss(
-                forward, self.model.get_input_embeddings(), window.to(self.device), bag, mode, self._weights(bag)
+                forward, self.model.get_input_embeddings(), window.to(self.device), bag, mode, self._weights(bag),
+                self.cfg.tst.rescale_mean,
             )
         return loss, (aux[0] if aux else None)
 
     def train_step(self, window: torch.Tensor, bag: int, lr: float) -> dict[str, float]:
-        """Forward/backward over micro-batches of ``window`` ([batch, window_len]), clip, step at ``lr``."""
+        """Forward/backward over micro-batches of ``window`` ([batch, window_len]), clip, step at ``lr``.
+
+        When the loss or the gradient norm is not finite the update is skipped and ``finite`` is False; what to do
+        about it is the loop's policy.
+        """
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -83,9 +88,11 @@ class TrainModule:
                 aux_total += aux.detach() / len(micro)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        self.optimizer.step()
+        finite = bool(torch.isfinite(total) and torch.isfinite(grad_norm))
+        if finite:  # a non-finite loss or gradient never reaches the weights or the optimizer state
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": total.item(), "grad_norm": grad_norm.item()}
+        metrics = {"loss": total.item(), "grad_norm": grad_norm.item(), "finite": finite}
         if self._aux_coef:
             metrics["aux_loss"] = aux_total.item()
         return metrics

@@ -1,0 +1,148 @@
+"""Crash safety and numerical faults: a killed run resumes with the losses of an uninterrupted one."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_config
+from superpose.errors import TrainingStopped
+from superpose.train.checkpoint import list_checkpoints
+from superpose.train.faults import KILL_ENV
+from superpose.train.loop import train
+from superpose.train.metrics import read_metrics
+from superpose.train.step import TrainModule
+
+
+def cli(config_path, *args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "superpose", "train", str(config_path), "--quiet", *args],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, **kwargs)
+
+
+def losses(run_dir):
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_data, tmp_path_factory):
+    """Losses of an uninterrupted run in a subprocess (the same way the killed runs train)."""
+    cfg = make_tiny_config(embedded_data, tmp_path_factory.mktemp("reference"), "reference")
+    path = cfg.run_dir.parent / "reference.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.to_toml())
+    assert cli(path).returncode == 0
+    return losses(cfg.run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["step:5", "checkpoint:6", "step:6", "checkpoint:8", "step:11"])
+def test_sigkill_then_resume_gives_uninterrupted_losses(tiny_config, tmp_path, reference, point):
+    """Killed mid-run, mid-checkpoint-write, right at the phase switch (step 6): resume, same losses."""
+    cfg = tiny_config("killed")
+    path = tmp_path / "killed.toml"
+    path.write_text(cfg.to_toml())
+    died = cli(path, env={KILL_ENV: point})
+    assert died.returncode == -signal.SIGKILL
+    step = int(point.split(":")[1])
+    complete = [p.name for p in list_checkpoints(cfg.run_dir)]
+    assert all(int(name.split("-")[1]) < step or not point.startswith("checkpoint") for name in complete)
+    if point.startswith("checkpoint"):
+        assert (cfg.run_dir / "checkpoints" / f".tmp-step-{step:07d}").is_dir()  # the half-written one
+    resumed = cli(path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(cfg.run_dir) == reference
+    assert not list((cfg.run_dir / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint(tiny_config, tmp_path, reference):
+    cfg = tiny_config("terminated", train={"steps": 12, "log_every": 1})
+    path = tmp_path / "terminated.toml"
+    path.write_text(cfg.to_toml())
+    proc = subprocess.Popen([sys.executable, "-m", "superpose", "train", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    rows = read_metrics(metrics)
+    if rows[-1]["step"] < 12:  # the signal arrived before the run ended (the usual case)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "stopped by SIGTERM" in out
+        assert list_checkpoints(cfg.run_dir)[-1].name == f"step-{rows[-1]['step']:07d}"
+        assert cli(path, "--resume").returncode == 0
+    assert losses(cfg.run_dir) == reference
+
+
+def test_partial_checkpoint_and_metrics_line_are_ignored(tiny_config):
+    cfg = tiny_config()
+    full = train(cfg, progress=False)
+    expected = losses(full.run_dir)
+    # what a kill mid-write leaves: a temporary checkpoint folder and half a JSON line
+    (cfg.run_dir / "checkpoints" / ".tmp-step-0000010").mkdir()
+    for ckpt in list_checkpoints(cfg.run_dir)[-2:]:
+        shutil.rmtree(ckpt)
+    with open(cfg.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "train_lo')
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000004", "step-0000006"]
+    train(cfg, resume=True, progress=False)
+    assert losses(cfg.run_dir) == expected
+    assert not (cfg.run_dir / "checkpoints" / ".tmp-step-0000010").exists()
+
+
+def poison(monkeypatch, bad_steps):
+    """Make the loss non-finite on the given (1-based) optimizer steps, as an overflow would."""
+    real = TrainModule.loss
+    calls = {"n": 0}
+
+    def loss(self, window, bag, mode):
+        value, aux = real(self, window, bag, mode)
+        if self.model.training:
+            calls["n"] += 1
+            if calls["n"] in bad_steps:
+                value = value * float("nan")
+        return value, aux
+
+    monkeypatch.setattr(TrainModule, "loss", loss)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_config, monkeypatch):
+    poison(monkeypatch, {3, 7})
+    result = train(tiny_config(), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert skipped == [3, 7]
+    assert rows[-1]["step"] == 12 and torch.isfinite(torch.tensor(result.final_val_loss))
+
+
+def test_nonfinite_weights_never_reach_the_model(tiny_config, monkeypatch):
+    poison(monkeypatch, {2})
+    cfg = tiny_config(train={"steps": 2}, checkpoint={"every": 1, "keep": 5})
+    train(cfg, progress=False)
+    one = load_file(cfg.run_dir / "checkpoints/step-0000001/model.safetensors")
+    two = load_file(cfg.run_dir / "checkpoints/step-0000002/model.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step changed nothing
+
+
+def test_stop_policy_checkpoints_last_good_state(tiny_config, monkeypatch):
+    poison(monkeypatch, {5})
+    cfg = tiny_config(train={"nonfinite": "stop"})
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 5") as e:
+        train(cfg, progress=False)
+    assert e.value.exit_code == 3
+    assert list_checkpoints(cfg.run_dir)[-1].name == "step-0000005"
+
+
+def test_too_many_skips_in_a_row_stop(tiny_config, monkeypatch):
+    poison(monkeypatch, {2, 3, 4})
+    cfg = tiny_config(train={"max_skips": 3})
+    with pytest.raises(TrainingStopped, match="3 in a row"):
+        train(cfg, progress=False)
