@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 128 + signal.Signals[result.stopped].value if result.stopped else 0
     if result.stopped:
         print(f"{result.run_dir}: stopped by {result.stopped} after {result.steps} steps; a checkpoint was saved, "
               f"continue with --resume")

@@ -35,12 +35,16 @@ def _check_mode(mode: str) -> None:
 
 
 def superpose_embeddings(
-    embedding: torch.nn.Embedding | torch.Tensor, token_ids: torch.Tensor, bag: int
+    embedding: torch.nn.Embedding | torch.Tensor, token_ids: torch.Tensor, bag: int, rescale: bool = False
 ) -> torch.Tensor:
     """Mean of the ``bag`` token embeddings of each bag: ids ``[B, L*bag]`` -> ``[B, L, d]``.
 
     Uses ``embedding_bag`` so the ``[B, L*bag, d]`` per-token embeddings are never materialised; with ``bag = 1`` the
     result equals a plain embedding lookup bit for bit.
+
+    ``rescale`` (an option, off in the paper's recipe): averaging nearly orthogonal vectors shrinks the norm by about
+    ``sqrt(bag)``, so phase-1 inputs live at a smaller scale than phase-2 tokens; rescaling each mean to the mean norm
+    of its bag's embeddings keeps the scale the transformer sees the same across the switch.
     """
     _check_bag(bag)
     weight = embedding.weight if isinstance(embedding, torch.nn.Embedding) else embedding
@@ -49,7 +53,11 @@ def superpose_embeddings(
         raise ValueError(f"sequence of {length} tokens is not a whole number of bags of {bag}")
     if bag == 1:
         return F.embedding(token_ids, weight)
-    pooled = F.embedding_bag(token_ids.reshape(-1, bag), weight, mode="mean")
+    bags = token_ids.reshape(-1, bag)
+    pooled = F.embedding_bag(bags, weight, mode="mean")
+    if rescale:
+        target = F.embedding_bag(bags, weight.norm(dim=-1, keepdim=True), mode="mean")  # [B*L, 1]
+        pooled = pooled * (target / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return pooled.view(batch, length // bag, weight.shape[1])
 
 
@@ -133,11 +141,15 @@ def split_window(window: torch.Tensor, bag: int, mode: Mode = "both") -> tuple[t
 
 
 def embed_inputs(
-    embedding: torch.nn.Embedding | torch.Tensor, input_ids: torch.Tensor, bag: int, mode: Mode = "both"
+    embedding: torch.nn.Embedding | torch.Tensor,
+    input_ids: torch.Tensor,
+    bag: int,
+    mode: Mode = "both",
+    rescale: bool = False,
 ) -> torch.Tensor:
     """Input embeddings ``[B, L, d]`` for the objective: bag means, or plain token embeddings for ``output``."""
     _check_mode(mode)
-    return superpose_embeddings(embedding, input_ids, 1 if mode == "output" else bag)
+    return superpose_embeddings(embedding, input_ids, 1 if mode == "output" else bag, rescale)
 
 
 def tst_loss(
@@ -147,11 +159,13 @@ def tst_loss(
     bag: int,
     mode: Mode = "both",
     weights: torch.Tensor | None = None,
+    rescale: bool = False,
 ) -> torch.Tensor:
     """One objective evaluation: ``model_forward(inputs_embeds) -> logits``; the whole method in four lines.
 
-    ``weights`` apply to multi-hot targets only (``input`` mode has a single target per position).
+    ``weights`` apply to multi-hot targets only (``input`` mode has a single target per position); ``rescale`` is
+    the bag-mean norm option of :func:`superpose_embeddings`.
     """
     input_ids, targets = split_window(window, bag, mode)
-    logits = model_forward(embed_inputs(embedding, input_ids, bag, mode))
+    logits = model_forward(embed_inputs(embedding, input_ids, bag, mode, rescale))
     return multi_hot_cross_entropy(logits, targets, weights=None if mode == "input" else weights)

@@ -123,3 +123,14 @@ def lr_at(
         progress = min(1.0, (step - warmup_steps + 1) / span)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown LR schedule {schedule!r}; choose 'wsd' or 'cosine'")
+
+
+def rewarmup_factor(step: int, switch_steps: Sequence[int], rewarmup_steps: int) -> float:
+    """LR multiplier that re-warms linearly over ``rewarmup_steps`` after the latest bag switch at or before ``step``.
+
+    An option (off at 0) to soften the loss spike when the inputs change distribution at a switch.
+    """
+    since = [step - s for s in switch_steps if s <= step]
+    if rewarmup_steps <= 0 or not since:
+        return 1.0
+    return min(1.0, (min(since) + 1) / rewarmup_steps)

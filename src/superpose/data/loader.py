@@ -34,10 +34,11 @@ class WindowLoader:
     differ by at most one token (no remainder is dropped). Row b reads lane b front to back and, at the lane's
     end, carries straight on from its start: every token is read exactly once per pass, in order, whatever the
     window lengths (phase-1 windows are bag x longer) and wherever a resume happens. The whole position is one
-    integer, the tokens each lane has read.
+    integer, the tokens each lane has read. In a distributed run every rank builds the same global lanes and reads
+    only its own (``lanes``), so the global batch, and a resume at another world size, stay exactly the same.
     """
 
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int) -> None:
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, lanes: range | None = None) -> None:
         if batch_size < 1:
             raise SuperposeError(f"batch size must be positive, got {batch_size}")
         if seed < 0:
@@ -54,6 +55,9 @@ class WindowLoader:
         self.lane_lens = np.array([base + (b < extra) for b in range(batch_size)], dtype=np.int64)
         rotation = int(np.random.default_rng(seed).integers(n))
         self.lane_starts = (rotation + np.concatenate([[0], np.cumsum(self.lane_lens)[:-1]])) % n
+        self.lanes = range(batch_size) if lanes is None else lanes
+        if not self.lanes or self.lanes.start < 0 or self.lanes.stop > batch_size:
+            raise SuperposeError(f"lanes {self.lanes} are not a part of a batch of {batch_size}")
         self._position = 0
 
     @property
@@ -72,14 +76,15 @@ class WindowLoader:
         return self._position * self.batch_size
 
     def offsets(self, window_len: int) -> np.ndarray:
-        """Stream positions [batch_size, window_len] the next batch will hold (for accounting; reads nothing)."""
+        """Stream positions [lanes, window_len] the next batch will hold (for accounting; reads nothing)."""
         steps = self._position + np.arange(window_len)
-        return (self.lane_starts[:, None] + steps[None, :] % self.lane_lens[:, None]) % len(self.stream)
+        starts, lens = self.lane_starts[self.lanes, None], self.lane_lens[self.lanes, None]
+        return (starts + steps[None, :] % lens) % len(self.stream)
 
     def next_batch(self, window_len: int) -> torch.Tensor:
-        """The next window of every lane: a LongTensor [batch_size, window_len]."""
+        """The next window of each of this loader's lanes: a LongTensor [len(lanes), window_len]."""
         check_window(self.stream, self.batch_size, window_len)
-        rows = [self._read_lane(b, window_len) for b in range(self.batch_size)]
+        rows = [self._read_lane(b, window_len) for b in self.lanes]
         self._position += window_len
         return torch.from_numpy(np.stack(rows))
 

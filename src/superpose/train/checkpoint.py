@@ -1,8 +1,14 @@
-"""Single-process checkpoints: written to a temporary folder and renamed into place, so none is ever half-written.
+"""Checkpoints: written to a temporary folder and renamed into place, so none is ever half-written.
 
-A checkpoint folder ``step-NNNNNNN`` holds ``model.safetensors`` (the unwrapped model), ``optimizer.pt`` (tensors and
-numbers only, loaded with ``weights_only=True``), ``state.json`` (step, loader position, counters) and the resolved
-``config.toml``. Loading never unpickles arbitrary objects.
+A checkpoint folder ``step-NNNNNNN`` holds ``state.json`` (step, loader position, counters; written last) and the
+resolved ``config.toml``, plus the weights and optimizer state in one of two layouts:
+
+- one process: ``model.safetensors`` (the unwrapped Hugging Face model) and ``optimizer.pt`` (the optimizer state
+  keyed by parameter name: tensors and numbers only, loaded with ``weights_only=True``);
+- several processes: ``dcp/``, a ``torch.distributed.checkpoint`` of the same two state dicts, written by every rank
+  in parallel and readable at any world size (DCP's own metadata file is pickled: load only checkpoints you made).
+
+Either layout loads into either kind of run: state dicts are keyed by parameter name, never by position or rank.
 """
 
 from __future__ import annotations
@@ -14,12 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 from ..errors import SuperposeError
+from .distributed import DistInfo, barrier
 from .faults import kill_point
 
 PREFIX = "step-"
+FULL = StateDictOptions(full_state_dict=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,27 +57,39 @@ def save_checkpoint(
     state: dict[str, Any],
     config_toml: str,
     keep: int,
+    info: DistInfo = DistInfo(),
 ) -> Path:
-    """Write a checkpoint atomically, then drop periodic checkpoints beyond the newest ``keep``.
+    """Write a checkpoint atomically (every rank takes part), then drop periodic ones beyond the newest ``keep``.
 
     ``state["keep_always"]`` marks checkpoints (phase switches, the final one) that pruning never removes.
     """
     folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(state["step"])
     tmp = folder / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(info)
+    if info.enabled:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     kill_point("checkpoint", state["step"])
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "config.toml").write_text(config_toml)
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))  # written last: its presence marks completeness
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(folder, keep)
+    if not info.enabled:
+        torch.save(get_optimizer_state_dict(model, optimizer), tmp / "optimizer.pt")
+    if info.is_main:
+        (tmp / "config.toml").write_text(config_toml)
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))  # written last: its presence marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(folder, keep)
+    barrier(info)
     return final
 
 
@@ -97,18 +125,53 @@ def resolve_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
+def _tied_twin_loaded(model: torch.nn.Module, key: str, weights: dict[str, torch.Tensor]) -> bool:
+    """True when ``key`` names a tied parameter (e.g. the LM head) that safetensors saved under its twin's name."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return any(key in group and any(n in weights for n in group) for group in names.values())
+
+
+def _mismatch(path: Path, e: Exception) -> SuperposeError:
+    return SuperposeError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}")
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore model (and optimizer) in place; return the saved state. Shape mismatches are one-line errors."""
+    """Restore model (and optimizer) in place, whatever layout and world size wrote it; return the saved state.
+
+    Works on plain, DDP and FSDP2-sharded models alike. Shape mismatches and missing files are one-line errors.
+    """
     path = resolve_checkpoint(path)
-    for name in ("model.safetensors", "state.json") + (("optimizer.pt",) if optimizer is not None else ()):
+    sharded = (path / "dcp").is_dir()
+    needed = ["state.json"] + (["dcp/.metadata"] if sharded else ["model.safetensors"])
+    if optimizer is not None and not sharded:
+        needed.append("optimizer.pt")
+    for name in needed:
         if not (path / name).is_file():
             raise SuperposeError(f"checkpoint {path} is missing {name}")
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except RuntimeError as e:
-        raise SuperposeError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise SuperposeError(f"checkpoint {path} does not match the model: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
+                get_state_dict(model, [])[0], None)
+            content = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+            dcp.load(content, checkpoint_id=str(path / "dcp"))
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            else:
+                set_model_state_dict(model, model_sd)
+        else:
+            weights = load_file(str(path / "model.safetensors"))
+            result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            missing = [k for k in result.missing_keys if not _tied_twin_loaded(model, k, weights)]
+            if missing or result.unexpected_keys:
+                raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+                                     f"unexpected {list(result.unexpected_keys)[:3]}")
+            if optimizer is not None:
+                state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                set_optimizer_state_dict(model, optimizer, state, options=FULL)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise _mismatch(path, e) from None
     return json.loads((path / "state.json").read_text())

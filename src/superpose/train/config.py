@@ -7,6 +7,7 @@ impossible values raise :class:`SuperposeError` naming the key, before anything 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ class TrainSection:
     batch_size: int = 16
     """Sequences per optimizer step."""
     micro_batch_size: int = 0
-    """Sequences per forward/backward; 0 = batch_size (no gradient accumulation)."""
+    """Sequences per forward/backward on each rank; 0 = this rank's share of batch_size (no accumulation)."""
     seq_len: int = 128
     """Transformer positions per sequence (L); phase 1 reads (L+1)*bag tokens per sequence."""
     device: str = "auto"
@@ -99,7 +100,13 @@ class TrainSection:
     dtype: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
     compile: bool = False
-    """torch.compile the model (the transformer sees L positions in every phase, so it compiles once)."""
+    """torch.compile each transformer block (blocks see L positions in every phase, so they compile once)."""
+    parallel: str = "fsdp"
+    """Under torchrun: fsdp (FSDP2 fully_shard per block, bf16 params on CUDA) or ddp."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~30% more compute)."""
+    loss_chunk: int = 0
+    """Fuse the LM head with the multi-hot loss over chunks of this many positions (0 = full logits)."""
     log_every: int = 10
     nonfinite: str = "skip"
     """A non-finite loss or gradient: skip the update (logged, counted) or stop with a checkpoint of the last good state."""
@@ -154,8 +161,13 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
     @property
+    def local_batch_size(self) -> int:
+        """Sequences of the global batch that one rank trains on."""
+        return self.train.batch_size // world_size()
+
+    @property
     def micro_batch_size(self) -> int:
-        return self.train.micro_batch_size or self.train.batch_size
+        return self.train.micro_batch_size or self.local_batch_size
 
     def phase_schedule(self) -> PhaseSchedule:
         try:
@@ -181,8 +193,13 @@ class RunConfig:
             (self.train.steps >= 1, f"train.steps: must be >= 1, got {self.train.steps}"),
             (self.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {self.train.batch_size}"),
             (self.train.micro_batch_size >= 0, f"train.micro_batch_size: must be >= 0, got {self.train.micro_batch_size}"),
-            (self.train.batch_size % self.micro_batch_size == 0 if self.micro_batch_size else False,
-             f"train.micro_batch_size: {self.train.micro_batch_size} does not divide train.batch_size {self.train.batch_size}"),
+            (self.train.batch_size % world_size() == 0,
+             f"train.batch_size: {self.train.batch_size} is not divisible by the world size {world_size()}"),
+            (self.local_batch_size % self.micro_batch_size == 0 if self.micro_batch_size else False,
+             f"train.micro_batch_size: {self.train.micro_batch_size} does not divide the per-rank batch "
+             f"{self.local_batch_size}"),
+            (self.train.parallel in ("fsdp", "ddp"), f"train.parallel: must be fsdp or ddp, got {self.train.parallel!r}"),
+            (self.train.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {self.train.loss_chunk}"),
             (self.train.seq_len >= 1, f"train.seq_len: must be >= 1, got {self.train.seq_len}"),
             (self.train.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.train.dtype!r}"),
             (self.train.log_every >= 1, f"train.log_every: must be >= 1, got {self.train.log_every}"),
@@ -204,6 +221,14 @@ class RunConfig:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+def world_size() -> int:
+    """Processes in this job, as torchrun sets it (1 outside a distributed launch)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise SuperposeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,167 @@
+"""Input validation at the edge: random configs and random corruptions give a one-line SuperposeError or work.
+
+Case counts (hypothesis max_examples): configs 300, meta.json corruptions 150, shard corruptions 150.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from superpose.data.loader import WindowLoader
+from superpose.data.shards import open_dataset
+from superpose.errors import SuperposeError
+from superpose.train.config import RunConfig, config_from_dict
+from superpose.train.loop import train
+
+SECTIONS = {name: sorted(getattr(RunConfig(), name).__dataclass_fields__) for name in
+            ("model", "data", "tst", "optim", "train", "eval", "checkpoint")}
+values = st.one_of(st.integers(-3, 2000), st.floats(-2, 3), st.just(float("nan")), st.booleans(), st.text(max_size=6),
+                   st.lists(st.lists(st.one_of(st.integers(-1, 20), st.floats(0, 1.2)), max_size=3), max_size=4))
+
+
+@st.composite
+def raw_configs(draw):
+    data = {}
+    for section, keys in SECTIONS.items():
+        if draw(st.booleans()):
+            names = st.sampled_from(keys + ["bogus"])
+            data[section] = draw(st.dictionaries(names, values, max_size=4))
+    if draw(st.booleans()):
+        data[draw(st.sampled_from(["name", "seed", "extra"]))] = draw(values)
+    return data
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw_configs())
+def test_random_configs_are_valid_or_one_line_errors(data):
+    try:
+        cfg = config_from_dict(data)
+    except SuperposeError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    schedule = cfg.phase_schedule()  # a config that validates has a usable schedule
+    assert schedule.bag_at(cfg.train.steps - 1) >= 1
+    assert cfg.train.batch_size % cfg.micro_batch_size == 0
+
+
+def test_global_batch_must_divide_by_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SuperposeError, match="train.batch_size: 16 is not divisible by the world size 3"):
+        config_from_dict({"train": {"batch_size": 16}})
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert config_from_dict({"train": {"batch_size": 16}}).train.batch_size == 16
+
+
+@pytest.fixture(scope="module")
+def pristine(embedded_data, tmp_path_factory):
+    """A small copy of the prepared data to corrupt (the session fixture stays intact)."""
+    out = tmp_path_factory.mktemp("pristine") / "data"
+    shutil.copytree(embedded_data, out)
+    return out
+
+
+def exercise(folder: Path) -> None:
+    """What training does with a dataset: open it, then read every training token through the loader."""
+    ds = open_dataset(folder)
+    stream = ds.split("train")
+    loader = WindowLoader(stream, 1, seed=0)
+    batch = loader.next_batch(len(stream))
+    assert int(batch.max()) < ds.vocab_size
+
+
+def corrupt_copy(pristine: Path, tmp: Path, name: str, edit) -> Path:
+    target = tmp / "data"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(pristine, target)
+    path = target / name
+    path.write_bytes(edit(path.read_bytes()))
+    return target
+
+
+byte_edits = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**9), st.just(0)),
+    st.tuples(st.just("append"), st.integers(1, 9), st.just(0)),
+)
+
+
+def apply(edit, blob: bytes) -> bytes:
+    kind, at, value = edit
+    if kind == "append":
+        return blob + bytes(at)
+    if not blob:
+        return blob
+    if kind == "flip":
+        i = at % len(blob)
+        return blob[:i] + bytes([blob[i] ^ value]) + blob[i + 1:]
+    return blob[: at % len(blob)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(byte_edits, min_size=1, max_size=3))
+def test_corrupt_meta_is_a_one_line_error_or_harmless(pristine, tmp_path, edits):
+    def edit(blob):
+        for e in edits:
+            blob = apply(e, blob)
+        return blob
+
+    folder = corrupt_copy(pristine, tmp_path, "meta.json", edit)
+    try:
+        exercise(folder)
+    except SuperposeError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=byte_edits, split=st.sampled_from(["train", "val"]))
+def test_corrupt_shard_is_a_one_line_error_or_harmless(pristine, tmp_path, edit, split):
+    folder = corrupt_copy(pristine, tmp_path, f"{split}-00000.bin", lambda blob: apply(edit, blob))
+    try:
+        exercise(folder)
+    except SuperposeError as e:
+        assert "\n" not in str(e)
+        assert re.search(r"(shard|meta\.json|\.bin)", str(e)), str(e)  # names the file
+
+
+def test_out_of_vocabulary_id_names_the_shard(pristine, tmp_path):
+    vocab = json.loads((pristine / "meta.json").read_text())["vocab_size"]
+    bad = np.array([vocab + 7], dtype=np.uint16).tobytes()
+    folder = corrupt_copy(pristine, tmp_path, "train-00000.bin", lambda blob: blob[:100] + bad + blob[102:])
+    with pytest.raises(SuperposeError, match=rf"train-00000.bin is corrupt: token 50 has id {vocab + 7}"):
+        exercise(folder)
+
+
+def test_training_on_corrupt_data_writes_nothing(pristine, tmp_path, tiny_config):
+    folder = corrupt_copy(pristine, tmp_path, "train-00000.bin", lambda blob: blob[:-2])
+    cfg = tiny_config(data={"path": str(folder)})
+    with pytest.raises(SuperposeError, match="train-00000.bin has"):
+        train(cfg, progress=False)
+    assert not cfg.run_dir.exists()
+
+
+def test_checkpoint_missing_files(tiny_config):
+    cfg = tiny_config(train={"steps": 4})
+    train(cfg, progress=False)
+    (cfg.run_dir / "checkpoints/step-0000004/optimizer.pt").unlink()
+    with pytest.raises(SuperposeError, match="step-0000004 is missing optimizer.pt"):
+        train(cfg, resume=True, progress=False)
+
+
+SOURCE = Path(__file__).parent.parent / "src" / "superpose"
+
+
+def test_no_unsafe_deserialisation_anywhere():
+    """Weights only through safetensors or weights_only torch.load; no pickle; no remote code by default."""
+    for path in SOURCE.rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        assert "trust_remote_code=True" not in text, path
