@@ -79,3 +79,17 @@ def test_missing_and_invalid_files(tmp_path):
 def test_defaults_are_the_paper_recipe():
     cfg = RunConfig()
     assert (cfg.tst.bag, cfg.tst.ratio, cfg.tst.mode, cfg.optim.schedule) == (4, 0.3, "both", "wsd")
+
+
+def test_config_reference_documents_every_key_and_is_current():
+    from superpose.train.config import config_reference
+
+    reference = config_reference()
+    cfg = RunConfig().to_dict()
+    keys = [k for k, v in cfg.items() if not isinstance(v, dict)]
+    keys += [f"{s}.{k}" for s, v in cfg.items() if isinstance(v, dict) for k in v]
+    for key in keys:
+        assert f"| `{key}` |" in reference
+    assert all(line.split("|")[3].strip() for line in reference.splitlines()[2:]), "every key has a meaning"
+    docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert reference in docs, "docs/config.md is stale: regenerate it with `superpose config`"

@@ -114,3 +114,12 @@ def test_moe_preset_trains_with_router_loss(tiny_config):
     result = train(tiny_config("moe", model={"preset": "tiny-moe"}, train={"steps": 8}), progress=False)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert all(r["aux_loss"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("option", [{"loss_chunk": 24}, {"activation_checkpointing": True}])
+def test_memory_options_keep_the_losses(tiny_config, option):
+    """The fused chunked loss and activation checkpointing change memory, not the numbers (within fp32 noise)."""
+    plain = train(tiny_config("plain", train={"steps": 8}), progress=False)
+    other = train(tiny_config("other", train={"steps": 8, **option}), progress=False)
+    for (_, x), (_, y) in zip(losses(plain.run_dir), losses(other.run_dir)):
+        assert x == pytest.approx(y, abs=1e-5)

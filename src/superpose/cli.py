@@ -103,6 +103,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return _finish_report(args, result, f"TST sweep over bag x ratio: {base.name}", extra_md, extra_plots)
 
 
+def _config(args: argparse.Namespace) -> int:
+    from .train.config import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     from .models import describe_presets
 
@@ -251,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bags", type=_ints, default=[2, 4, 8], help="bag sizes (default 2,4,8)")
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3], help="ratios (default 0.1,0.2,0.3)")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("config", help="every config key with its default and meaning (Markdown)")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=_presets)

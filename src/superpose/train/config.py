@@ -70,17 +70,23 @@ class TSTConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.0
     """Final LR as a fraction of the peak."""
     weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms or biases)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     schedule: str = "wsd"
     """wsd (warmup-stable-decay) or cosine, spanning the whole run across phases."""
     warmup_steps: int = 50
+    """Linear warmup steps at the start of the run."""
     decay_fraction: float = 0.2
     """WSD: fraction of the run spent decaying at the end."""
 
@@ -108,6 +114,7 @@ class TrainSection:
     loss_chunk: int = 0
     """Fuse the LM head with the multi-hot loss over chunks of this many positions (0 = full logits)."""
     log_every: int = 10
+    """Write a metrics row every N steps (eval steps, phase switches and the last step always)."""
     nonfinite: str = "skip"
     """A non-finite loss or gradient: skip the update (logged, counted) or stop with a checkpoint of the last good state."""
     max_skips: int = 5
@@ -119,7 +126,7 @@ class EvalConfig:
     every: int = 100
     """Validation next-token loss every N steps (and at the end); 0 = only at the end."""
     batches: int = 8
-    """Fixed held-out batches of L+1 tokens."""
+    """Fixed held-out batches (of train.batch_size windows of L+1 tokens), the same at any world size."""
 
 
 @dataclass
@@ -145,6 +152,7 @@ class RunConfig:
     name: str = "run"
     """Run folder name under out_dir."""
     out_dir: str = "runs"
+    """Folder holding run folders."""
     seed: int = 0
     """Seeds the initialisation and the data order."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,3 +304,28 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SuperposeError(f"{path}: not valid TOML: {e}") from None
     return config_from_dict(data, overrides)
+
+
+def config_reference() -> str:
+    """Every config key with its default and meaning, as Markdown, read from the dataclasses' field docstrings."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    sections = [(None, RunConfig)] + [(f.name, f.default_factory) for f in dataclasses.fields(RunConfig)
+                                      if dataclasses.is_dataclass(f.default_factory)]
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in sections:
+        defaults = cls()
+        body = classes[cls.__name__].body
+        for i, stmt in enumerate(body):
+            if not isinstance(stmt, ast.AnnAssign) or dataclasses.is_dataclass(getattr(defaults, stmt.target.id)):
+                continue
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
+            key = f"{section}.{stmt.target.id}" if section else stmt.target.id
+            value = getattr(defaults, stmt.target.id)
+            default = "{}" if value == {} else tomli_w.dumps({"v": value}).strip()[4:]
+            lines.append(f"| `{key}` | `{default}` | {' '.join(doc.split())} |")
+    return "\n".join(lines) + "\n"
