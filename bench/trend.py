@@ -91,8 +91,12 @@ def summarize(out: Path) -> None:
     for study, key, xlabel in (("steps", "steps", "run length (optimizer steps), tiny preset, s=4 r=0.3"),
                                ("width", "width", "hidden size (4 layers, 150 steps), s=4 r=0.3")):
         if study in studies:
-            pts = [(p[key], p["speedup_mean"], p["speedup_std"]) for p in studies[study]]
-            panels.append((f"speedup vs {key}", xlabel, {"TST s=4 r=0.3": pts}))
+            series = {"TST s=4 r=0.3": [(p[key], p["speedup_mean"], p["speedup_std"]) for p in studies[study]]}
+            if study == "steps":  # the softening options were run at 150 steps: show them beside that point
+                series.update({f"{p['label']} (150 steps){' = bound ' + p['speedup_text'] if p['bounded'] else ''}":
+                               [(150, p["speedup_mean"], p["speedup_std"])]
+                               for p in studies.get("soften", [])[1:]})
+            panels.append((f"speedup vs {key}", xlabel, series))
     if panels:
         plot_trend(out / "trend.png", panels)
     lines = ["# Where does TST pay off? (trend study)", ""]
@@ -100,7 +104,7 @@ def summarize(out: Path) -> None:
         keys = [k for k in ("steps", "width", "parameters") if k in points[0]]
         lines += [f"## {study}", "", "| setting | " + " | ".join(keys) + " | final val loss | iso-loss speedup | "
                   "wall speedup | spike (nat) | half-recovery (steps) |", "|---" * (len(keys) + 6) + "|"]
-        for p in points:
+        for p in sorted(points, key=lambda p: [p[k] for k in keys[:1]]):
             spike = "–" if p["spike_height_mean"] is None else f"{p['spike_height_mean']:.3f}"
             half = "–" if p["half_recovery_steps_mean"] is None else f"{p['half_recovery_steps_mean']:.0f}"
             lines.append(f"| {p['label']} | " + " | ".join(str(p[k]) for k in keys) +

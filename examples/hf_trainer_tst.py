@@ -15,7 +15,13 @@ import tempfile
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from superpose.data.prepare import prepare
 from superpose.data.shards import open_dataset

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
+from superpose.cli import main
 from superpose.data.prepare import prepare
 from superpose.train.config import RunConfig, config_from_dict
+from superpose.train.loop import train
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +42,35 @@ def tiny_config(embedded_data, tmp_path):
         return make_tiny_config(embedded_data, tmp_path / "runs", name, **sections)
 
     return make
+
+
+_KINDS = {"tst": {}, "baseline": {"tst": {"bag": 1, "ratio": 0.0}}}
+_RUNS: dict[str, Path] = {}  # module-level: the test files that import the fixture share one set of runs
+
+
+@pytest.fixture(scope="session")
+def trained_run(embedded_data, tmp_path_factory):
+    """``get("tst" | "baseline")``: a tiny run trained once per session, shared read-only by the deploy tests."""
+
+    def get(kind: str) -> Path:
+        if kind not in _RUNS:
+            out_dir = tmp_path_factory.getbasetemp() / "shared-runs"
+            _RUNS[kind] = train(make_tiny_config(embedded_data, out_dir, kind, **_KINDS[kind]), progress=False).run_dir
+        return _RUNS[kind]
+
+    return get
+
+
+@pytest.fixture
+def tst_run(trained_run):
+    return trained_run("tst")
+
+
+def run_error(capsys, argv):
+    """Run the CLI expecting a one-line error and exit code 2; return the line."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("superpose: error: ")
+    return lines[0]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_error
 
 from superpose.cli import main
 from superpose.data.tokenizer import train_tokenizer
@@ -26,15 +27,6 @@ batches = 1
 {extra}
 """)
     return path
-
-
-def run_error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("superpose: error: ")
-    return lines[0]
 
 
 def test_prepare_missing_corpus(tmp_path, capsys):

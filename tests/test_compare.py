@@ -9,8 +9,16 @@ import pytest
 
 from superpose.cli import main
 from superpose.compare import (
-    Variant, baseline_family, compare, format_speedup, iso_loss_steps, measure_spike, recommend, sweep,
-    variant_label, variants_for,
+    Variant,
+    baseline_family,
+    compare,
+    format_speedup,
+    iso_loss_steps,
+    measure_spike,
+    recommend,
+    sweep,
+    variant_label,
+    variants_for,
 )
 from superpose.errors import SuperposeError
 from superpose.train.config import TSTConfig, config_from_dict

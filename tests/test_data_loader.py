@@ -14,7 +14,14 @@ from tokenizers import Tokenizer, models
 
 from superpose.data.loader import WindowLoader, check_window, validation_windows
 from superpose.data.prepare import prepare
-from superpose.data.shards import FORMAT, ShardWriter, TokenStream, file_sha256, open_dataset, write_meta
+from superpose.data.shards import (
+    FORMAT,
+    ShardWriter,
+    TokenStream,
+    file_sha256,
+    open_dataset,
+    write_meta,
+)
 from superpose.errors import SuperposeError
 
 N_TRAIN = 1000

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from superpose.data.prepare import prepare
-from superpose.data.shards import ShardWriter, TokenStream, file_sha256, open_dataset, token_dtype
+from superpose.data.shards import (
+    ShardWriter,
+    TokenStream,
+    file_sha256,
+    open_dataset,
+    token_dtype,
+)
 from superpose.data.tokenizer import EOS_TOKEN, train_tokenizer
 from superpose.errors import SuperposeError
 

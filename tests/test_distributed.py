@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_tiny_config
+
 from superpose.train.checkpoint import list_checkpoints
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics

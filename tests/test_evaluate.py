@@ -5,15 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import run_error
 
 from superpose.cli import main
 from superpose.data.tokenizer import load_tokenizer
 from superpose.export import hf_tokenizer, save_hf
 from superpose.models import build_model
 from superpose.train.metrics import read_metrics
-
-from test_cli import run_error
-from test_export import trained_run, tst_run  # noqa: F401  (shared fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from conftest import run_error
 from safetensors.torch import load_file
 
 import superpose
 from superpose.cli import main
 from superpose.errors import SuperposeError
-from superpose.export import export, load_run, load_weights
+from superpose.export import export, load_run
 from superpose.models import build_model
-from superpose.train.loop import train
-
-from conftest import make_tiny_config
-from test_cli import run_error
+from superpose.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save, one process
 
@@ -41,28 +39,6 @@ assert "superpose" not in sys.modules
 print(json.dumps({{"ids": ids[0].tolist(), "logits": logits[0].tolist(), "eos": tok.eos_token,
                    "class": type(model).__name__}}))
 """
-
-
-_KINDS = {"tst": {}, "baseline": {"tst": {"bag": 1, "ratio": 0.0}}}
-_RUNS: dict[str, Path] = {}  # module-level: the test files that import the fixture share one set of runs
-
-
-@pytest.fixture(scope="session")
-def trained_run(embedded_data, tmp_path_factory):
-    """``get("tst" | "baseline")``: a tiny run trained once per session, shared read-only by the deploy tests."""
-
-    def get(kind: str) -> Path:
-        if kind not in _RUNS:
-            out_dir = tmp_path_factory.getbasetemp() / "shared-runs"
-            _RUNS[kind] = train(make_tiny_config(embedded_data, out_dir, kind, **_KINDS[kind]), progress=False).run_dir
-        return _RUNS[kind]
-
-    return get
-
-
-@pytest.fixture
-def tst_run(trained_run):
-    return trained_run("tst")
 
 
 def test_export_loads_in_clean_interpreter_with_equal_logits(tst_run, tmp_path):
@@ -106,7 +82,7 @@ def test_load_weights_from_sharded_checkpoint(tmp_path, tied_saved_once):
     dcp.save({"model": state}, checkpoint_id=str(checkpoint / "dcp"))
     (checkpoint / "state.json").write_text(json.dumps({"step": 4}))
     fresh = build_model("tiny", 512, seed=2)
-    assert load_weights(tmp_path / "run", fresh)["step"] == 4
+    assert load_checkpoint(tmp_path / "run", fresh, None)["step"] == 4
     for key, value in trained.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
 
@@ -116,7 +92,7 @@ def test_sharded_checkpoint_of_another_model_is_refused(tmp_path):
     dcp.save({"model": build_model("tiny-qwen3", 512).state_dict()}, checkpoint_id=str(checkpoint / "dcp"))
     (checkpoint / "state.json").write_text("{}")
     with pytest.raises(SuperposeError, match="does not match the model"):
-        load_weights(tmp_path, build_model("tiny", 512))
+        load_checkpoint(tmp_path, build_model("tiny", 512), None)
 
 
 def test_export_into_non_empty_folder_keeps_it(tst_run, tmp_path, capsys):

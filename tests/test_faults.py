@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_config
 from safetensors.torch import load_file
 
-from conftest import make_tiny_config
 from superpose.errors import TrainingStopped
 from superpose.train.checkpoint import list_checkpoints
 from superpose.train.faults import KILL_ENV

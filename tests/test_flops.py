@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig, Qwen3MoeConfig
 
-from superpose.flops import flops_per_step, flops_per_token, matmul_parameters, superpose_overhead_flops
+from superpose.flops import (
+    flops_per_step,
+    flops_per_token,
+    matmul_parameters,
+    superpose_overhead_flops,
+)
 from superpose.models import build_model, model_config, parameter_counts
 
 

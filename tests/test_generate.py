@@ -1,13 +1,11 @@
 """Generation: a run and its export sample the same text for the same seed; bad settings are one-line errors."""
 
 import pytest
+from conftest import run_error
 
 from superpose.cli import main
 from superpose.export import export, load_model
 from superpose.generate import complete, generate
-
-from test_cli import run_error
-from test_export import trained_run, tst_run  # noqa: F401  (shared fixtures)
 
 
 def test_run_and_export_generate_the_same_text(tst_run, tmp_path):

@@ -7,12 +7,15 @@ import struct
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from superpose.data.shards import open_dataset
-from superpose.integrations.transformers import TSTBatchSampler, TSTDataCollator, TSTTrainer
+from superpose.integrations.transformers import (
+    TSTBatchSampler,
+    TSTDataCollator,
+    TSTTrainer,
+)
 from superpose.schedule import PhaseSchedule
 from superpose.train.config import LogConfig
 from superpose.train.metrics import WANDB_ID_FILE, MetricsWriter

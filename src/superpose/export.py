@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any
 
-import torch
 from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -29,41 +26,6 @@ from .data.tokenizer import eos_id, load_tokenizer
 from .errors import SuperposeError
 from .models import build_model
 from .train.checkpoint import load_checkpoint, resolve_checkpoint
-
-DCP_FOLDER = "dcp"
-"""Sharded checkpoints keep ``torch.distributed.checkpoint`` files here, under the state-dict key ``model``."""
-
-
-def load_weights(checkpoint: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Fill ``model`` in place from a checkpoint of either layout; return the checkpoint's ``state.json``.
-
-    A single-process checkpoint holds ``model.safetensors``; a sharded (distributed) one holds a ``dcp/`` folder with
-    the full, unsharded parameter names. DCP reads either into this one process, whatever the number of ranks that
-    wrote it, so export never needs ``torch.distributed`` to be set up.
-    """
-    checkpoint = resolve_checkpoint(checkpoint)
-    if not (checkpoint / DCP_FOLDER).is_dir():
-        return load_checkpoint(checkpoint, model, None)
-    _load_dcp(checkpoint, model)
-    return json.loads((checkpoint / "state.json").read_text())
-
-
-def _load_dcp(checkpoint: Path, model: torch.nn.Module) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    reader = dcp.FileSystemReader(str(checkpoint / DCP_FOLDER))
-    saved = {k.removeprefix("model.") for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
-    state = model.state_dict()
-    loaded_storage = {t.data_ptr() for k, t in state.items() if k in saved}
-    # A tied weight (lm_head = embeddings) may be saved under one name only; it is filled through its twin.
-    missing = [k for k, t in state.items() if k not in saved and t.data_ptr() not in loaded_storage]
-    unexpected = sorted(saved - state.keys())
-    if missing or unexpected:
-        raise SuperposeError(f"checkpoint {checkpoint} does not match the model: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load({"model": {k: t for k, t in state.items() if k in saved}}, storage_reader=reader)
 
 
 def hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
@@ -83,7 +45,7 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
         raise SuperposeError(f"{run_dir} is not a complete run folder (needs run.json and tokenizer.json)")
     info = json.loads((run_dir / "run.json").read_text())
     model = build_model(info["preset"], info["vocab_size"])
-    load_weights(checkpoint, model)
+    load_checkpoint(checkpoint, model, None)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
     eos = eos_id(tokenizer)
     # The presets leave special ids to the data (see models.model_config); a deployed model needs them.

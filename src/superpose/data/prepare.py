@@ -31,7 +31,13 @@ from superpose.data.shards import (
     token_dtype,
     write_meta,
 )
-from superpose.data.tokenizer import check_vocab_size, eos_id, load_tokenizer, train_tokenizer, vocab_size_of
+from superpose.data.tokenizer import (
+    check_vocab_size,
+    eos_id,
+    load_tokenizer,
+    train_tokenizer,
+    vocab_size_of,
+)
 from superpose.errors import SuperposeError
 
 CACHE_FILE = "documents.cache"

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Container
 
 import torch
 from safetensors.torch import load_file, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -125,7 +127,7 @@ def resolve_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def _tied_twin_loaded(model: torch.nn.Module, key: str, weights: dict[str, torch.Tensor]) -> bool:
+def _tied_twin_loaded(model: torch.nn.Module, key: str, weights: Container[str]) -> bool:
     """True when ``key`` names a tied parameter (e.g. the LM head) that safetensors saved under its twin's name."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -155,13 +157,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             import torch.distributed.checkpoint as dcp
 
             model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-                get_state_dict(model, [])[0], None)
+                get_model_state_dict(model), None)
+            metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+            saved = {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
+            missing = [k for k in model_sd if k not in saved and not _tied_twin_loaded(model, k, saved)]
+            unexpected = sorted(saved - model_sd.keys())
+            if missing or unexpected:
+                raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+            model_sd = {k: v for k, v in model_sd.items() if k in saved}  # a tied head may be saved once
             content = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
-            dcp.load(content, checkpoint_id=str(path / "dcp"))
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                dcp.load(content, checkpoint_id=str(path / "dcp"))
+            loose = StateDictOptions(strict=False)  # keys were checked above; a tied twin fills the head
             if optimizer is not None:
-                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=loose)
             else:
-                set_model_state_dict(model, model_sd)
+                set_model_state_dict(model, model_sd, options=loose)
         else:
             weights = load_file(str(path / "model.safetensors"))
             result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -172,6 +185,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             if optimizer is not None:
                 state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
                 set_optimizer_state_dict(model, optimizer, state, options=FULL)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         raise _mismatch(path, e) from None
     return json.loads((path / "state.json").read_text())

@@ -15,7 +15,13 @@ import torch
 
 from .. import method
 from .config import RunConfig
-from .distributed import DistInfo, apply_parallelism, decoder_layers, mean_across_ranks, set_gradient_sync
+from .distributed import (
+    DistInfo,
+    apply_parallelism,
+    decoder_layers,
+    mean_across_ranks,
+    set_gradient_sync,
+)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -68,7 +74,9 @@ class LMObjective(torch.nn.Module):
                                                   weights=w)
         if not self.num_experts:
             return loss, None, None
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            load_balancing_loss_func,
+        )
 
         top_k = self.lm.config.num_experts_per_tok
         aux = load_balancing_loss_func(out.router_logits, self.num_experts, top_k, None)
