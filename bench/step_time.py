@@ -1,8 +1,9 @@
 """Step time of a TST phase-1 step against a baseline step: same run, same model, batch and positions.
 
 One training run alternates blocks of phase-1 steps (bag s) and baseline steps (bag 1) through a multi-stage
-schedule, so slow drifts of a shared machine hit both alike; the first steps of each block are dropped (the window
-length changes there). Target: phase-1 / baseline step time <= 1.03, and text tokens per second ~ s x.
+schedule; the ratio is the median over pairs of neighbouring blocks of their median step times, so load changes on a
+shared machine cancel. The first pair (warm-up) and the first steps of each block (the window length changes there)
+are dropped. Target: phase-1 / baseline step time <= 1.03, and text tokens per second ~ s x.
 
     python bench/step_time.py --data data/embedded --bag 4 --out bench/results/step_time.json
 """
@@ -20,31 +21,38 @@ from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 
 
-def measure(data: Path, bag: int, preset: str, batch: int, seq_len: int, blocks: int, block: int, skip: int,
+def measure(data: Path, bag: int, preset: str, batch: int, seq_len: int, blocks_n: int, block: int, skip: int,
             device: str) -> dict:
     """Run the alternating schedule in a scratch folder; return median step times and token rates per bag."""
-    schedule = [[(i + 1) * block, bag if i % 2 == 0 else 1] for i in range(2 * blocks)]
+    schedule = [[(i + 1) * block, bag if i % 2 == 0 else 1] for i in range(2 * blocks_n)]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict({
             "name": "step-time", "out_dir": tmp, "model": {"preset": preset}, "data": {"path": str(data)},
             "tst": {"schedule": schedule}, "optim": {"warmup_steps": 0},
-            "train": {"steps": 2 * blocks * block, "batch_size": batch, "seq_len": seq_len, "device": device,
+            "train": {"steps": 2 * blocks_n * block, "batch_size": batch, "seq_len": seq_len, "device": device,
                       "log_every": 1},
             "eval": {"every": 0, "batches": 1}, "checkpoint": {"every": 0},
         })
         result = train(cfg, progress=False)
         rows = read_metrics(result.run_dir / "metrics.jsonl")
-    keep = [r for r in rows if (r["step"] - 1) % block >= skip and r["step"] > 2 * block]  # drop the first block of each kind (warm-up)
-    out = {}
-    for b in (bag, 1):
-        mine = [r for r in keep if r["bag"] == b]
-        tokens = batch * (seq_len + 1) * b
-        out[b] = {"steps": len(mine), "step_time_s": statistics.median(tokens / r["tokens_per_s"] for r in mine),
-                  "text_tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine)}
+    for prev, r in zip([{"text_tokens": 0}, *rows], rows):
+        r["dt"] = (r["text_tokens"] - prev["text_tokens"]) / r["tokens_per_s"]
+
+    def per_block(b: int, key: str) -> list[float]:
+        """Median of ``key`` in each block at bag ``b``, its first ``skip`` steps dropped; the first block dropped."""
+        kept = [[r[key] for r in rows if (r["step"] - 1) // block == i and (r["step"] - 1) % block >= skip]
+                for i in range(2 * blocks_n) if (i % 2 == 0) == (b == bag)]
+        return [statistics.median(x) for x in kept[1:]]
+
+    times = {b: per_block(b, "dt") for b in (bag, 1)}
+    rates = {b: per_block(b, "tokens_per_s") for b in (bag, 1)}
+    pairs = [t / u for t, u in zip(times[bag], times[1])]  # each phase-1 block against the baseline block after it
+    out = {b: {"blocks": len(times[b]), "step_time_s": statistics.median(times[b]),
+               "text_tokens_per_s": statistics.median(rates[b])} for b in (bag, 1)}
     return {
         "preset": preset, "bag": bag, "batch_size": batch, "seq_len": seq_len, "device": device,
         "phase1": out[bag], "baseline": out[1],
-        "step_time_ratio": out[bag]["step_time_s"] / out[1]["step_time_s"],
+        "step_time_ratio": statistics.median(pairs), "step_time_ratio_per_pair": pairs,
         "text_tokens_per_s_ratio": out[bag]["text_tokens_per_s"] / out[1]["text_tokens_per_s"],
         "target_step_time_ratio": 1.03,
     }

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 from conftest import make_tiny_config
 
+from superpose.export import export
 from superpose.train.checkpoint import list_checkpoints
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
@@ -61,6 +63,12 @@ def test_two_ranks_match_one_process(runs, parallel):
     assert_same_losses(rows(cfg.run_dir), reference)
     switch = cfg.run_dir / "checkpoints" / "step-0000006"
     assert (switch / "dcp" / ".metadata").is_file() and not (switch / "model.safetensors").exists()
+    # the sharded run exports to the same plain Hugging Face layout as a single-process run
+    sharded = load_file(export(cfg.run_dir, cfg.run_dir.parent / f"{parallel}-hf") / "model.safetensors")
+    single = make_tiny_config(cfg.data.path, cfg.out_dir, "single").run_dir
+    plain = load_file(export(single, cfg.run_dir.parent / f"single-hf-{parallel}") / "model.safetensors")
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in plain.items()}
+    assert max((sharded[k] - plain[k]).abs().max().item() for k in plain) < 1e-4
 
 
 def test_dcp_resume_and_resume_on_one_rank(runs):
