@@ -58,11 +58,13 @@ def run_study(study: str, runs: Path, data: Path, out: Path, seeds: int, only: l
     OUT/trend/STUDY-*."""
     points = []
 
-    def one(cfg: RunConfig, label: str, runs_dir: Path, tst: dict[str, Any], family=FAMILY, **extra: Any) -> None:
+    def one(cfg: RunConfig, label: str, runs_dir: Path, tst: dict[str, Any], family: tuple[float, ...] = FAMILY,
+            **extra: Any) -> None:
         result = compare(cfg, variants_for(cfg, ("both",), **tst), seeds, family, runs_dir, progress=False)
         slug = label.split(" (")[0].replace(" ", "-")
         name = "-".join([study, slug, *(f"{k}{v}" for k, v in extra.items() if k != "steps"), f"T{cfg.train.steps}"])
-        write_report(result, out / "trend" / name, f"trend study {study}: {label}", f"python bench/trend.py --study {study}")
+        write_report(result, out / "trend" / name, f"trend study {study}: {label}",
+                     f"python bench/trend.py --study {study}")
         points.append(_point(result, label, **extra))
         print(f"{study} {label} {extra}: {points[-1]['speedup_text']}", flush=True)
 

@@ -66,7 +66,8 @@ def _rows(switch, excess):
     validation excess over a flat baseline is ``excess``; phase-1 train loss 9.0, phase-2 4.0."""
     evals = dict(zip(range(switch - 1, switch - 1 + 5 * len(excess), 5), excess))
     last = max(evals)
-    tst = [{"step": s, "bag": 4 if s < switch else 1, "train_loss": 9.0 if s < switch else 4.0} for s in range(1, last + 1)]
+    tst = [{"step": s, "bag": 4 if s < switch else 1, "train_loss": 9.0 if s < switch else 4.0}
+           for s in range(1, last + 1)]
     base = [{"step": s, "bag": 1, "train_loss": 3.0} for s in range(1, last + 1)]
     for row in tst:
         if row["step"] in evals:

@@ -112,8 +112,9 @@ def measure_spike(tst_rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[s
     recovered = next((step - switch + 1 for step, e in excess if e <= 0), None)
     before = [r["train_loss"] for r in tst_rows if r["step"] < switch][-SMOOTH:]
     after = next(r["train_loss"] for r in tst_rows if r["step"] == switch)
-    return {"switch_step": switch, "height": height, "measured_at": excess[0][0], "jump": after - statistics.fmean(before),
-            "half_recovery_steps": half, "recovery_steps": recovered, "final_gap": excess[-1][1]}
+    return {"switch_step": switch, "height": height, "measured_at": excess[0][0],
+            "jump": after - statistics.fmean(before), "half_recovery_steps": half, "recovery_steps": recovered,
+            "final_gap": excess[-1][1]}
 
 
 # --------------------------------------------------------------------------- runs
@@ -231,7 +232,8 @@ def baseline_family(base: RunConfig, lengths: Sequence[int], runs: Path, progres
     trunk_rows = read_metrics(trunk.run_dir / "metrics.jsonl") if any(forks.values()) else []
     members = []
     for steps in sorted(set(lengths)):
-        cfg = _derive(base, f"baseline-{steps}", runs, tst=_BASELINE_TST, train={"steps": steps}, checkpoint={"every": 0})
+        cfg = _derive(base, f"baseline-{steps}", runs, tst=_BASELINE_TST, train={"steps": steps},
+                      checkpoint={"every": 0})
         fork = forks[steps]
         _ensure_run(cfg, trunk.run_dir / "checkpoints" / checkpoint_name(fork) if fork else None, progress)
         rows = [r for r in trunk_rows if r["step"] <= fork] + read_metrics(cfg.run_dir / "metrics.jsonl")
@@ -336,7 +338,8 @@ def recommend(summaries: Sequence[dict[str, Any]]) -> str:
     if not candidates:
         return "no recommendation: no full-TST (mode both) arm was run"
     best = max(candidates, key=lambda s: s["speedup_mean"])
-    clears = best["speedup_mean"] - best["speedup_std"] > 1.0 and (not best["bounded"] or best["speedup_text"].startswith(">"))
+    beyond_noise = best["speedup_mean"] - best["speedup_std"] > 1.0
+    clears = beyond_noise and (not best["bounded"] or best["speedup_text"].startswith(">"))
     if clears and best["seeds"] > 1:
         return f"recommended: {best['label']} (iso-loss speedup {best['speedup_text']} over {best['seeds']} seeds)"
     if clears:
@@ -367,7 +370,8 @@ def _preflight(base: RunConfig, variants: Sequence[Variant], seeds: int, family:
     if not variants:
         raise SuperposeError("nothing to compare: no TST variant given")
     if not family or any(m <= 0 for m in family) or 1.0 not in family:
-        raise SuperposeError(f"--family must be positive multiples of the run length that include 1, got {list(family)}")
+        raise SuperposeError(f"--family must be positive multiples of the run length that include 1, "
+                             f"got {list(family)}")
     data = open_dataset(base.data.path, tokenizer=base.data.tokenizer or None)
     try:
         val = data.split("val")
@@ -478,7 +482,8 @@ def report_markdown(comparison: Comparison, title: str, command: str, plots: Seq
     """The human-readable report: setup, method, family, every arm, summaries, ablations, the switch, verdict."""
     s = comparison.setup
     out = [f"# {title}", "", f"Command: `{command}`", "",
-           f"Model `{s['preset']}`{' ' + str(s['overrides']) if s['overrides'] else ''}: {s['parameters']:,} parameters "
+           f"Model `{s['preset']}`{' ' + str(s['overrides']) if s['overrides'] else ''}: "
+           f"{s['parameters']:,} parameters "
            f"(vocab {s['vocab_size']}), batch {s['batch_size']} x {s['seq_len']} positions, {s['steps']} steps, "
            f"{s['lr_schedule']} LR {s['lr']:g} (warmup {s['warmup_steps']}, decay {s['decay_fraction']:g}), "
            f"device {s['device']}. Model FLOPs per step {s['flops_per_step']:.3e}, the same for TST and baseline; the "
@@ -531,7 +536,8 @@ def write_report(comparison: Comparison, out: Path, title: str, command: str,
     reference = next(m for m in family if m.steps == comparison.setup["steps"])
     tst = {f"{a.label} seed {a.seed}": a.rows for a in comparison.arms}
     files = [
-        plots.plot_curves(out / "loss_curves.png", {f"baseline {m.steps} seed {first_seed}": m.rows for m in family}, tst),
+        plots.plot_curves(out / "loss_curves.png",
+                          {f"baseline {m.steps} seed {first_seed}": m.rows for m in family}, tst),
         plots.plot_family(out / "family.png",
                           {seed: [(m.steps, m.final_val_loss) for m in ms] for seed, ms in comparison.family.items()},
                           [(f"{a.label} seed {a.seed}", a.steps, a.final_val_loss, a.baseline_steps,
@@ -539,7 +545,8 @@ def write_report(comparison: Comparison, out: Path, title: str, command: str,
     ]
     switching = [a for a in comparison.arms if a.spike and a.seed == first_seed]
     if switching:
-        files.append(plots.plot_switch(out / "switch.png", reference.rows, {a.label: (a.rows, a.spike) for a in switching}))
+        files.append(plots.plot_switch(out / "switch.png", reference.rows,
+                                       {a.label: (a.rows, a.spike) for a in switching}))
     files += list(extra_plots)
     (out / "report.json").write_text(json.dumps({"title": title, "command": command, **_json_ready(comparison)},
                                                  indent=2))

@@ -81,6 +81,25 @@ _TINY = Preset(
     tie_word_embeddings=True,
 )
 
+_LLAMA_270M = Preset(
+    name="llama-270m",
+    family="llama",
+    description=(
+        "Paper 270M: SmolLM2-135M shape with the Llama-3 vocab (128256), untied head; "
+        "comes to ~254M params."
+    ),
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=_LLAMA3_VOCAB,
+    tie_word_embeddings=False,
+    rope_theta=100_000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -112,27 +131,10 @@ PRESETS: dict[str, Preset] = {
             vocab_size=8192,
             tie_word_embeddings=True,
         ),
-        Preset(
-            name="llama-270m",
-            family="llama",
-            description=(
-                "Paper 270M: SmolLM2-135M shape with the Llama-3 vocab (128256), untied head; "
-                "comes to ~254M params."
-            ),
-            hidden_size=576,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            intermediate_size=1536,
-            vocab_size=_LLAMA3_VOCAB,
-            tie_word_embeddings=False,
-            rope_theta=100_000.0,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-        ),
-        Preset(
+        _LLAMA_270M,
+        dataclasses.replace(
+            _LLAMA_270M,
             name="llama-600m",
-            family="llama",
             description=(
                 "Paper 600M: SmolLM2-360M shape with the Llama-3 vocab (128256), untied head; "
                 "comes to ~561M params."
@@ -142,11 +144,6 @@ PRESETS: dict[str, Preset] = {
             num_attention_heads=15,
             num_key_value_heads=5,
             intermediate_size=2560,
-            vocab_size=_LLAMA3_VOCAB,
-            tie_word_embeddings=False,
-            rope_theta=100_000.0,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
         ),
         Preset(
             name="smollm3-3b",

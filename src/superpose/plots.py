@@ -69,7 +69,7 @@ def plot_family(path: Path, family: Mapping[int, Sequence[tuple[int, float]]],
     ``arms``: (label, TST steps, TST final loss, baseline steps at that loss, speedup text).
     """
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (seed, points) in enumerate(family.items()):
+    for i, points in enumerate(family.values()):
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, color="0.4", marker="o", lw=1.5, alpha=1 if i == 0 else 0.5,
                 label="baseline family (each decayed to its own end)" if i == 0 else None)
