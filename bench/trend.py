@@ -93,7 +93,8 @@ def summarize(out: Path) -> None:
     for study, key, xlabel in (("steps", "steps", "run length (optimizer steps), tiny preset, s=4 r=0.3"),
                                ("width", "width", "hidden size (4 layers, 150 steps), s=4 r=0.3")):
         if study in studies:
-            series = {"TST s=4 r=0.3": [(p[key], p["speedup_mean"], p["speedup_std"]) for p in studies[study]]}
+            bounds = "".join(f"; {key} {p[key]}: bound {p['speedup_text']}" for p in studies[study] if p["bounded"])
+            series = {f"TST s=4 r=0.3{bounds}": [(p[key], p["speedup_mean"], p["speedup_std"]) for p in studies[study]]}
             if study == "steps":  # the softening options were run at 150 steps: show them beside that point
                 series.update({f"{p['label']} (150 steps){' = bound ' + p['speedup_text'] if p['bounded'] else ''}":
                                [(150, p["speedup_mean"], p["speedup_std"])]
