@@ -123,3 +123,14 @@ def test_memory_options_keep_the_losses(tiny_config, option):
     other = train(tiny_config("other", train={"steps": 8, **option}), progress=False)
     for (_, x), (_, y) in zip(losses(plain.run_dir), losses(other.run_dir)):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_across_the_phase_switch(tiny_config):
+    """train.compile compiles each block once for both phases (they see L positions); same losses within fp32 noise."""
+    plain = train(tiny_config("plain", train={"steps": 8}), progress=False)
+    compiled = train(tiny_config("compiled", train={"steps": 8, "compile": True}), progress=False)
+    rows = read_metrics(compiled.run_dir / "metrics.jsonl")
+    assert [r["bag"] for r in rows] == [4] * 4 + [1] * 4
+    for (_, x), (_, y) in zip(losses(plain.run_dir), losses(compiled.run_dir)):
+        assert x == pytest.approx(y, abs=1e-4)
