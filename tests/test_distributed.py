@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
 from conftest import make_tiny_config
+from safetensors.torch import load_file
 
 from superpose.export import export
 from superpose.train.checkpoint import list_checkpoints

@@ -123,6 +123,25 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_config, monkeypatch):
     assert rows[-1]["step"] == 12 and torch.isfinite(torch.tensor(result.final_val_loss))
 
 
+def test_last_step_nonfinite_still_reports_a_final_validation(tiny_config, monkeypatch):
+    poison(monkeypatch, {12})
+    result = train(tiny_config(), progress=False)
+    last = read_metrics(result.run_dir / "metrics.jsonl")[-1]
+    assert last["step"] == 12 and last["skipped"] == 1 and last["val_loss"] == result.final_val_loss
+
+
+def test_checkpoint_set_aside_for_replacement_is_restored(tiny_config):
+    cfg = tiny_config()
+    train(cfg, progress=False)
+    folder = cfg.run_dir / "checkpoints"
+    # a kill after the old step-12 was set aside and before the new one was renamed into place
+    (folder / "step-0000012").rename(folder / ".old-step-0000012")
+    (folder / ".tmp-step-0000012").mkdir()
+    train(cfg, resume=True, progress=False)  # nothing left to train: it only cleans up and reports
+    assert (folder / "step-0000012" / "state.json").is_file()
+    assert not list(folder.glob(".*"))
+
+
 def test_nonfinite_weights_never_reach_the_model(tiny_config, monkeypatch):
     poison(monkeypatch, {2})
     cfg = tiny_config(train={"steps": 2}, checkpoint={"every": 1, "keep": 5})

@@ -83,6 +83,8 @@ def _finish_report(args: argparse.Namespace, result, title: str, extra_md: str =
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, variants_for
 
+    if args.schedule and (args.bag is not None or args.ratio is not None):
+        raise SuperposeError("--schedule replaces --bag/--ratio; give one or the other")
     tst = [f"tst.schedule={args.schedule}"] if args.schedule else []
     tst += [f"tst.bag={args.bag}", "tst.schedule=[]"] if args.bag is not None else []
     tst += [f"tst.ratio={args.ratio}", "tst.schedule=[]"] if args.ratio is not None else []

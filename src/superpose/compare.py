@@ -34,6 +34,7 @@ from .data.shards import open_dataset
 from .errors import SuperposeError
 from .flops import superpose_overhead_flops
 from .models import model_config
+from .schedule import wsd_decay_start
 from .train.checkpoint import checkpoint_name, list_checkpoints
 from .train.config import RunConfig, TSTConfig, config_from_dict, load_config
 from .train.loop import train
@@ -195,8 +196,7 @@ def fork_step(cfg: RunConfig, steps: int) -> int:
     """Where a baseline of ``steps`` steps leaves the constant-LR trunk: its decay start (0: no shared prefix)."""
     if cfg.optim.schedule != "wsd":
         return 0
-    f = cfg.optim.decay_fraction
-    return steps - (max(1, round(f * steps)) if f > 0 else 0)
+    return wsd_decay_start(steps, cfg.optim.decay_fraction)
 
 
 @dataclass

@@ -103,7 +103,7 @@ def multi_hot_cross_entropy(
     if weights is None:
         index = torch.where(valid, 0, ignore_index).reshape(-1)
         return F.nll_loss(picked.reshape(-1, 1), index, ignore_index=ignore_index)
-    w = weights.to(picked.dtype) * valid
+    w = weights.to(device=picked.device, dtype=picked.dtype) * valid
     return -(picked * w).sum() / w.sum()
 
 

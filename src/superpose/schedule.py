@@ -93,6 +93,11 @@ class PhaseSchedule:
         return [stage.bag for stage in self.stages]
 
 
+def wsd_decay_start(total_steps: int, decay_fraction: float) -> int:
+    """First step of the WSD decay (``total_steps`` when there is none); baseline forks leave the trunk here."""
+    return total_steps - (max(1, round(decay_fraction * total_steps)) if decay_fraction > 0 else 0)
+
+
 def lr_at(
     step: int,
     total_steps: int,
@@ -112,8 +117,8 @@ def lr_at(
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule == "wsd":
-        decay_steps = max(1, round(decay_fraction * total_steps)) if decay_fraction > 0 else 0
-        decay_start = total_steps - decay_steps
+        decay_start = wsd_decay_start(total_steps, decay_fraction)
+        decay_steps = total_steps - decay_start
         if decay_steps == 0 or step < decay_start:
             return peak
         progress = (step - decay_start + 1) / decay_steps

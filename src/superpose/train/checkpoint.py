@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # only for its exception type: nothing here unpickles (optimizer.pt loads with weights_only=True)
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Container
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -87,9 +90,12 @@ def save_checkpoint(
     if info.is_main:
         (tmp / "config.toml").write_text(config_toml)
         (tmp / "state.json").write_text(json.dumps(state, indent=2))  # written last: its presence marks completeness
-        if final.exists():
-            shutil.rmtree(final)
+        old = folder / f".old-{final.name}"
+        if final.exists():  # a rerun past a resumed step: set the old copy aside until the new one is in place
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
         _prune(folder, keep)
     barrier(info)
     return final
@@ -103,11 +109,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete temporary folders left by a process killed while writing a checkpoint."""
+    """Clean up after a process killed while writing a checkpoint: drop half-written folders, and put back a
+    checkpoint that was set aside for replacement if its replacement never landed."""
     folder = Path(run_dir) / "checkpoints"
     if folder.is_dir():
         for tmp in folder.glob(".tmp-*"):
             shutil.rmtree(tmp)
+        for old in folder.glob(".old-*"):
+            final = folder / old.name.removeprefix(".old-")
+            if final.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, final)
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -135,8 +148,10 @@ def _tied_twin_loaded(model: torch.nn.Module, key: str, weights: Container[str])
     return any(key in group and any(n in weights for n in group) for group in names.values())
 
 
-def _mismatch(path: Path, e: Exception) -> SuperposeError:
-    return SuperposeError(f"checkpoint {path} does not match the model: {str(e).splitlines()[0]}")
+def _mismatch(path: Path, e: BaseException) -> SuperposeError:
+    """One line for a checkpoint that cannot be loaded into this model (wrong shapes, or a corrupt file)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return SuperposeError(f"checkpoint {path} does not match the model or is corrupt: {first}")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -185,6 +200,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             if optimizer is not None:
                 state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
                 set_optimizer_state_dict(model, optimizer, state, options=FULL)
-    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+    except (RuntimeError, ValueError, KeyError, AssertionError, SafetensorError, pickle.UnpicklingError,
+            CheckpointException) as e:
         raise _mismatch(path, e) from None
-    return json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise SuperposeError(f"checkpoint {path}: state.json is corrupt") from None
+    needed_keys = ("step", "loader", "text_tokens", "flops", "wall_time") if optimizer is not None else ()
+    missing_keys = [k for k in needed_keys if k not in state]  # a resume needs them; export only the weights
+    if missing_keys:
+        raise SuperposeError(f"checkpoint {path}: state.json lacks {', '.join(missing_keys)}")
+    return state

@@ -7,6 +7,7 @@ impossible values raise :class:`SuperposeError` naming the key, before anything 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import typing
@@ -218,6 +219,8 @@ class RunConfig:
             (self.checkpoint.every >= 0, f"checkpoint.every: must be >= 0, got {self.checkpoint.every}"),
             (self.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.checkpoint.keep}"),
         ]
+        if self.log.wandb and importlib.util.find_spec("wandb") is None:
+            checks.append((False, "log.wandb: wandb is not installed (pip install 'superpose[wandb]')"))
         for ok, message in checks:
             if not ok:
                 raise SuperposeError(message)

@@ -36,7 +36,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SuperposeError(f"train.device: {name} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SuperposeError(f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
@@ -74,11 +77,14 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when it is true on any (so all ranks take the same branch, e.g. stop after this step)."""
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when it is true on any (so all ranks take the same branch, e.g. stop after this step).
+
+    The flag travels on the training device: NCCL reduces CUDA tensors only.
+    """
     if not info.enabled:
         return flag
-    value = torch.tensor(int(flag))
+    value = torch.tensor(int(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

@@ -114,6 +114,10 @@ def _train(cfg: RunConfig, data, schedule, train_stream, val_windows, checkpoint
                dynamic_ncols=True)
     wall0 = time.perf_counter() - state["wall_time"]
 
+    def say(message: str) -> None:
+        if info.is_main:  # tqdm.write prints even with the bar disabled: one voice per job
+            bar.write(message)
+
     def snapshot(step: int, keep_always: bool) -> Path:
         return save_checkpoint(
             run_dir,
@@ -152,10 +156,11 @@ def _train(cfg: RunConfig, data, schedule, train_stream, val_windows, checkpoint
                        "tokens_per_s": B * window.shape[1] / dt, "epoch": loader.epoch}
                 if not finite:
                     row.update(skipped=1, skipped_total=state["skipped"])
-                    bar.write(f"step {done}: non-finite loss or gradient, update skipped ({skipped_in_row} in a row)")
+                    say(f"step {done}: non-finite loss or gradient, update skipped ({skipped_in_row} in a row)")
                 if loader.epoch != epoch:
-                    bar.write(f"step {done}: epoch {epoch} of the training data complete, starting epoch {loader.epoch}")
-                if finite and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.steps):
+                    say(f"step {done}: epoch {epoch} of the training data complete, starting epoch {loader.epoch}")
+                # the last step always evaluates: after a skipped update the weights are the last good ones
+                if (finite and cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.steps:
                     val_loss = module.eval_loss(val_windows)
                     row["val_loss"] = val_loss
                 if writer is not None and (done % cfg.train.log_every == 0 or "val_loss" in row or not finite
@@ -171,14 +176,14 @@ def _train(cfg: RunConfig, data, schedule, train_stream, val_windows, checkpoint
                         f"non-finite loss or gradient at step {done} ({skipped_in_row} in a row, policy "
                         f"{cfg.train.nonfinite}); the last good weights are in {path}"
                     )
-                stop = any_rank(signals.received is not None, info)  # every rank stops after the same step
+                stop = any_rank(signals.received is not None, info, device)  # every rank stops after the same step
                 if done in switches or done == cfg.train.steps:
                     snapshot(done, keep_always=True)
                 elif stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                     snapshot(done, keep_always=False)
                 if stop and done < cfg.train.steps:
                     stopped = signals.name or "SIGTERM"
-                    bar.write(f"{stopped}: stopped after step {done} with a checkpoint; continue with --resume")
+                    say(f"{stopped}: stopped after step {done} with a checkpoint; continue with --resume")
                     break
     finally:
         bar.close()

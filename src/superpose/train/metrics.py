@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SuperposeError
+from .checkpoint import write_atomic
 from .config import LogConfig
 
 WANDB_ID_FILE = "wandb-id.txt"
@@ -26,7 +27,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             # Rows after the checkpoint were written by the interrupted run and will be written again.
             rows = [r for r in read_metrics(self.path, partial_ok=True) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill here loses nothing
         elif resume_step is None:
             self.path.write_text("")
         self._file = self.path.open("a")

@@ -62,7 +62,6 @@ class LMObjective(torch.nn.Module):
         extra = {"output_router_logits": True} if self.num_experts else {}
         out = self.lm.model(inputs_embeds=x, use_cache=False, **extra)
         w = None if mode == "input" else method.target_weights(bag, self.tst.weighting, self.tst.alpha)
-        w = None if w is None else w.to(x.device)
         if self.loss_chunk:
             from ..losses import chunked_multi_hot_cross_entropy
 
