@@ -21,6 +21,13 @@ class Stage:
     bag: int
 
 
+def two_phase_stages(bag: int, ratio: float) -> list[Stage]:
+    """The stages of the paper's recipe: ``bag`` for the first ``ratio`` of the run, then bag 1."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return [Stage(float(ratio), bag), Stage(1.0, 1)]
+
+
 class PhaseSchedule:
     """Resolved stages for a run of ``total_steps`` optimizer steps; ``bag_at(step)`` is the only query a loop needs.
 
@@ -70,9 +77,7 @@ class PhaseSchedule:
     @classmethod
     def two_phase(cls, bag: int, ratio: float, total_steps: int) -> "PhaseSchedule":
         """The paper's recipe: superposition at ``bag`` for the first ``ratio`` of steps, then ordinary training."""
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-        return cls([Stage(float(ratio), bag), Stage(1.0, 1)], total_steps)
+        return cls(two_phase_stages(bag, ratio), total_steps)
 
     def stage_at(self, step: int) -> int:
         """Index of the phase (resolved stage) that step ``step`` (0-based) trains in."""

@@ -19,7 +19,7 @@ import tomli_w
 
 from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
-from ..schedule import PhaseSchedule, Stage
+from ..schedule import PhaseSchedule, Stage, two_phase_stages
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +65,7 @@ class TSTConfig:
     def stages(self) -> list[Stage]:
         if self.schedule:
             return [Stage(*s) for s in self.schedule]
-        return [Stage(float(self.ratio), self.bag), Stage(1.0, 1)]
+        return two_phase_stages(self.bag, self.ratio)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import method
+from ..losses import chunked_multi_hot_cross_entropy
 from .config import RunConfig
 from .distributed import (
     DistInfo,
@@ -63,8 +64,6 @@ class LMObjective(torch.nn.Module):
         out = self.lm.model(inputs_embeds=x, use_cache=False, **extra)
         w = None if mode == "input" else method.target_weights(bag, self.tst.weighting, self.tst.alpha)
         if self.loss_chunk:
-            from ..losses import chunked_multi_hot_cross_entropy
-
             head = self.lm.get_output_embeddings()
             loss = chunked_multi_hot_cross_entropy(out.last_hidden_state, head.weight, targets,
                                                    chunk_size=self.loss_chunk, weights=w, bias=head.bias)
