@@ -33,14 +33,14 @@ def test_rescaled_bag_mean_has_the_mean_token_norm():
     assert torch.equal(embed_inputs(table, ids, 4, "output", rescale=True), table[ids])
 
 
-def test_options_reach_the_trainer(tiny_config):
-    plain = train(tiny_config("plain"), progress=False)
-    soft = train(tiny_config("soft", tst={"rewarmup_steps": 3, "rescale_mean": True}), progress=False)
-    lr = {r["step"]: r["lr"] for r in read_metrics(soft.run_dir / "metrics.jsonl")}
-    base_lr = {r["step"]: r["lr"] for r in read_metrics(plain.run_dir / "metrics.jsonl")}
-    assert lr[7] == pytest.approx(base_lr[7] / 3) and lr[9] == base_lr[9]  # switch at step 7 (1-based)
-    losses = [r["train_loss"] for r in read_metrics(soft.run_dir / "metrics.jsonl")]
-    assert losses[0] != read_metrics(plain.run_dir / "metrics.jsonl")[0]["train_loss"]  # rescaled inputs
+@pytest.mark.slow
+def test_options_reach_the_trainer(tiny_config, trained_run):
+    plain = read_metrics(trained_run("tst") / "metrics.jsonl")  # the same tiny config without the options
+    soft = read_metrics(train(tiny_config("soft", tst={"rewarmup_steps": 3, "rescale_mean": True}),
+                              progress=False).run_dir / "metrics.jsonl")
+    lr, base_lr = ({r["step"]: r["lr"] for r in rows} for rows in (soft, plain))
+    assert [lr[s] / base_lr[s] for s in (6, 7, 8, 9)] == pytest.approx([1, 1 / 3, 2 / 3, 1])  # switch at step 7
+    assert soft[0]["train_loss"] != plain[0]["train_loss"]  # rescaled bag means from the first step
 
 
 def test_width_override_from_the_config(tiny_config):

@@ -127,23 +127,28 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import Sampling, generate
 
-    print(args.prompt + generate(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                 args.device))
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                        args.num_samples, tuple(args.stop), args.seed)
+    texts = generate(args.source, args.prompt, sampling, args.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} of {len(texts)} ---")
+        print(args.prompt + text)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
+    from .evaluate import default_output, run_eval
 
     tasks = [t for t in args.tasks.split(",") if t and t != "none"]
     if not tasks and args.data is None:
         raise SuperposeError("nothing to evaluate: --tasks none needs --data")
-    output = args.output or Path(args.source) / "eval.json"
+    output = args.output or default_output(args.source)
     run_eval(args.source, tasks, output, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
              data=args.data, seq_len=args.seq_len, batches=args.val_batches, batch_size=args.batch_size,
-             device=args.device)
+             device=args.device, model_args=args.model_args, log_samples=args.log_samples)
     print(f"wrote {output}")
     return 0
 
@@ -201,12 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="sample text from a run or an exported model",
-                       description="Continue a prompt with model.generate (top-p sampling; temperature 0 is greedy).")
+                       description="Continue a prompt with model.generate (top-p/top-k sampling, repetition penalty, "
+                                   "several samples, stop strings; temperature 0 is greedy).")
     p.add_argument("source", metavar="RUN_OR_EXPORT", help="run folder, checkpoint folder or exported model folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start a document)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only; 0 = all (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1 discourages repeating tokens already present (default 1.0 = off)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations to sample (default 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a continuation before this string (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.set_defaults(func=_generate)
@@ -225,17 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared corpus folder: also report validation loss, perplexity, bits per byte")
     p.add_argument("--seq-len", type=int, default=256, help="tokens of context per validation window (default 256)")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches of --batch-size windows (default 8)")
-    p.add_argument("--output", help="results JSON (default: SOURCE/eval.json)")
+    p.add_argument("--model-args", metavar="KEY=VALUE,...",
+                   help="lm-eval HFLM options, e.g. max_length=512,add_bos_token=True (as lm-eval's --model_args)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every scored sample to OUTPUT's stem + .samples.jsonl")
+    p.add_argument("--output", help="results JSON (default: RUN/eval.json for a run folder, and beside an export or "
+                                    "checkpoint: NAME-eval.json)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.set_defaults(func=_eval)
 
     def comparison_options(p: argparse.ArgumentParser) -> None:
+        from .compare import DEFAULT_FAMILY  # the pure part of compare: no torch at start-up
+
         p.add_argument("config", help="TOML config of the run to compare (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
         p.add_argument("--seeds", type=int, default=1, help="seeds per arm, each with its own baseline family "
                                                             "(report: mean and spread; default 1)")
-        p.add_argument("--family", type=_floats, default=[0.5, 1.0, 2.0, 4.0],
-                       help="baseline lengths as multiples of train.steps, must include 1 (default 0.5,1,2,4)")
+        p.add_argument("--family", type=_floats, default=list(DEFAULT_FAMILY),
+                       help="baseline lengths as multiples of train.steps, must include 1 (default "
+                            f"{','.join(f'{m:g}' for m in DEFAULT_FAMILY)})")
         p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
         p.add_argument("--runs", help="folder of the runs (default OUT/runs); finished runs with the same config "
                                       "are reused, so comparisons can share baselines")

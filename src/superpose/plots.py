@@ -112,13 +112,14 @@ def plot_switch(path: Path, baseline: Rows, arms: Mapping[str, tuple[Rows, Mappi
     for i, (label, (rows, spike)) in enumerate(arms.items()):
         c = _COLORS[i % len(_COLORS)]
         half = spike["half_recovery_steps"]
-        draw(rows, c, f"{label}: spike {spike['height']:+.2f} nat, halved after "
+        draw(rows, c, f"{label}: spike {spike['height']:+.2f} nat at step {spike['measured_at']}, halved after "
                       f"{'>' + str(total - spike['switch_step'] + 1) if half is None else half} steps, "
                       f"gap at end {spike['final_gap']:+.3f}")
         ax.axvline(spike["switch_step"] - 0.5, color=c, ls=":", lw=1.2)
         if half is not None:
             ax.axvline(spike["switch_step"] + half - 1, color=c, ls="--", lw=0.8, alpha=0.6)
-    ax.set_xlabel("optimizer step (dotted: switch to bag 1; dashed: excess over the baseline halved)")
+    ax.set_xlabel("optimizer step (dotted: switch to bag 1; dashed: excess over the baseline halved; the spike is "
+                  "read at the first eval at or after the last phase-1 step)")
     ax.set_ylabel("loss (nat/token)")
     ax.set_title("the phase switch (validation loss is next-token loss on fixed held-out windows)")
     ax.grid(alpha=0.3)

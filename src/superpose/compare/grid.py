@@ -1,0 +1,41 @@
+"""A compare over a bag x ratio grid of two-phase TST settings, sharing each seed's baseline family; its grid table
+and heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .. import plots
+from ..errors import SuperposeError
+from ..train.config import RunConfig
+from .isoloss import DEFAULT_FAMILY
+from .report import markdown_table
+from .runs import Comparison, compare, variants_for
+
+
+def sweep(base: RunConfig, bags: Sequence[int], ratios: Sequence[float], seeds: int = 1,
+          family: Sequence[float] = DEFAULT_FAMILY, runs: Path | None = None, progress: bool = True) -> Comparison:
+    """A compare over the grid bags x ratios (two-phase TST), sharing each seed's baseline family."""
+    if not bags or not ratios:
+        raise SuperposeError("sweep needs at least one bag and one ratio")
+    grid = [[variants_for(base, ("both",), bag=bag, ratio=ratio, schedule=[])[0] for ratio in ratios] for bag in bags]
+    result = compare(base, [v for row in grid for v in row], seeds, family, runs, progress)
+    labels = [[v.label for v in row] for row in grid]
+    result.extra["grid"] = {"bags": list(bags), "ratios": list(ratios), "labels": labels}
+    return result
+
+
+def sweep_extras(result: Comparison, out: Path) -> tuple[str, list[str]]:
+    """The sweep's grid table (final loss and speedup per bag x ratio) and its heatmap."""
+    bags, ratios = result.extra["grid"]["bags"], result.extra["grid"]["ratios"]
+    by_label = {x["label"]: x for x in result.summaries}
+    cells = [[by_label[label] for label in row] for row in result.extra["grid"]["labels"]]
+    table = markdown_table(["bag \\ ratio", *[f"{r:g}" for r in ratios]],
+                   [[bag, *[f"{c['final_val_loss_mean']:.4f} / {c['speedup_text']}" for c in row]]
+                    for bag, row in zip(bags, cells)])
+    heat = plots.plot_heatmaps(out / "sweep_heatmap.png", bags, ratios,
+                               [[c["final_val_loss_mean"] for c in row] for row in cells],
+                               [[c["speedup_mean"] for c in row] for row in cells],
+                               [[c["speedup_text"] for c in row] for row in cells])
+    return "\n## Grid: final val loss / iso-loss speedup\n\n" + table + "\n", [str(heat)]

@@ -1,0 +1,218 @@
+"""The report of a comparison: ``report.md`` (setup, method, summary, ablation, runs, the switch, the family,
+plots), ``report.json`` (the same numbers, the config and where they came from) and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import plots
+from .isoloss import format_speedup
+from .runs import Comparison, Member
+
+METHOD = (
+    "Iso-loss speedup = (baseline steps that reach the TST run's final validation loss) / (TST steps). All runs share "
+    "model, initialisation, batch, positions, optimizer and LR schedule, so a step costs the same model FLOPs in both "
+    "and the steps ratio is the FLOPs ratio (the superposition overhead is added to the TST side for the FLOPs "
+    "speedup). The baseline steps are read off a family of finished baselines (each with its own LR decay), linearly "
+    "in log(steps) between the two members that bracket the TST loss; WSD members are forked from one constant-LR "
+    "trunk at their decay start. A TST loss below every member gives a lower bound (> longest/T), above every "
+    "member an upper bound (< shortest/T). Wall-clock speedup: baseline wall time interpolated at those steps over "
+    "the TST run's wall time. Spread: sample standard deviation over seeds (each seed has its own family)."
+)
+
+SPIKE_NOTE = (
+    "Spike: TST minus baseline validation loss at the first eval both runs made at or after the last phase-1 step "
+    "(the validation windows are the only loss both runs see alike); measured at: that step, and in brackets how "
+    "many next-token steps had already run there (+0: the eval saw the weights the first next-token step starts "
+    "from; more: part of the spike may already have recovered, so the height is a lower bound; an eval.every that "
+    "divides the last phase-1 step measures it at +0). Own jump: the run's first next-token train loss minus its "
+    "last phase-1 (multi-hot) train losses; half-recovery / recovered: steps after the last phase-1 step until the "
+    "validation excess has halved / reached 0, to the resolution of eval.every (– = not within the run); final gap: "
+    "the excess at the end."
+)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The commit superpose runs from (``-dirty`` with uncommitted changes); None unless this file is tracked by
+    the enclosing git checkout (an install inside another project's repository is not a superpose checkout)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+
+    try:
+        if git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
+            return None
+        out = git("describe", "--always", "--dirty", "--abbrev=12")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a report's numbers were made: date, package versions, Python, CPU and GPU models."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {name: _version(name) for name in ("superpose", "torch", "transformers")},
+        "commit": _git_commit(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _header(comparison: Comparison, title: str, command: str, made: dict[str, Any]) -> list[str]:
+    s, v = comparison.setup, made["versions"]
+    machine = made["cpu"] + "".join(f", {gpu}" for gpu in made["gpus"])
+    return [f"# {title}", "", f"Command: `{command}`", "",
+            f"Made {made['date']} with superpose {v['superpose']}"
+            f"{' (' + made['commit'] + ')' if made['commit'] else ''}, torch {v['torch']}, transformers "
+            f"{v['transformers']} on {machine}.", "",
+            f"Model `{s['preset']}`{' ' + str(s['overrides']) if s['overrides'] else ''}: "
+            f"{s['parameters']:,} parameters "
+            f"(vocab {s['vocab_size']}), batch {s['batch_size']} x {s['seq_len']} positions, {s['steps']} steps, "
+            f"{s['lr_schedule']} LR {s['lr']:g} (warmup {s['warmup_steps']}, decay {s['decay_fraction']:g}), "
+            f"device {s['device']}. Model FLOPs per step {s['flops_per_step']:.3e}, the same for TST and baseline; the "
+            f"superposition overhead adds at most {s['overhead_fraction_of_run_flops']:.1e} of a run's FLOPs.",
+            "", f"**Verdict:** {comparison.recommendation}.", "", "## How the speedup is computed", "", METHOD, ""]
+
+
+def _spike_cell(height: float | None, after: float | None) -> str:
+    return "–" if height is None else f"{height:.3f} [+{after:.0f}]"
+
+
+def _summary(comparison: Comparison) -> list[str]:
+    return ["## Summary", "", markdown_table(
+        ["variant", "seeds", "final val loss", "iso-loss speedup (steps = FLOPs)", "wall-clock speedup",
+         "spike (nat) [steps after the switch]", "half-recovery (steps)"],
+        [[x["label"], x["seeds"], f"{x['final_val_loss_mean']:.4f} ± {x['final_val_loss_std']:.4f}", x["speedup_text"],
+          f"{x['wall_speedup_mean']:.2f}x", _spike_cell(x["spike_height_mean"], x["spike_measured_after_mean"]),
+          _fmt(x["half_recovery_steps_mean"], ".0f")] for x in comparison.summaries])]
+
+
+def _ablation(comparison: Comparison) -> list[str]:
+    """Each objective against the baseline of the run's own length (only when more than one objective ran)."""
+    steps = comparison.setup["steps"]
+    base_losses = [m.final_val_loss for ms in comparison.family.values() for m in ms if m.steps == steps]
+    if len({a.mode for a in comparison.arms}) < 2 or not base_losses:
+        return []
+    base_loss = statistics.fmean(base_losses)
+    return ["", "## Ablation (equal steps and model FLOPs)", "", markdown_table(
+        ["objective", "final val loss", "vs baseline", "iso-loss speedup"],
+        [["baseline (bag 1)", f"{base_loss:.4f}", "–", "1.00x"]] + [
+            [f"{x['mode']} ({x['label']})", f"{x['final_val_loss_mean']:.4f}",
+             f"{x['final_val_loss_mean'] - base_loss:+.4f}", x["speedup_text"]] for x in comparison.summaries])]
+
+
+def _runs(comparison: Comparison) -> list[str]:
+    return ["", "## Runs", "", markdown_table(
+        ["variant", "seed", "final val loss", "baseline steps at that loss", "speedup", "FLOPs speedup",
+         "wall s", "wall speedup", "text tokens", "spike", "measured at", "own jump", "half-recovery", "recovered",
+         "final gap"],
+        [[a.label, a.seed, f"{a.final_val_loss:.4f}", f"{a.bound} {a.baseline_steps:.0f}".strip(),
+          format_speedup(a.speedup, a.bound), format_speedup(a.flops_speedup, a.bound), f"{a.wall_time:.0f}",
+          format_speedup(a.wall_speedup, a.bound), f"{a.text_tokens:,}", _fmt(a.spike.get("height"), ".3f"),
+          f"step {a.spike['measured_at']} [+{a.spike['measured_after']}]" if a.spike else "–",
+          _fmt(a.spike.get("jump"), "+.3f"), _fmt(a.spike.get("half_recovery_steps"), "d"),
+          _fmt(a.spike.get("recovery_steps"), "d"), _fmt(a.spike.get("final_gap"), "+.3f")]
+         for a in comparison.arms]), "", SPIKE_NOTE]
+
+
+def _family(comparison: Comparison) -> list[str]:
+    return ["", "## Baseline family", "", markdown_table(
+        ["seed", "steps", "forked at", "final val loss", "wall s"],
+        [[seed, m.steps, m.fork, f"{m.final_val_loss:.4f}", f"{m.wall_time:.0f}"]
+         for seed, ms in comparison.family.items() for m in ms])]
+
+
+def report_markdown(comparison: Comparison, title: str, command: str, plot_files: Sequence[str],
+                    made: dict[str, Any]) -> str:
+    """The human-readable report: setup, provenance, method, summary, ablations, runs and the switch, the family."""
+    out = _header(comparison, title, command, made) + _summary(comparison) + _ablation(comparison)
+    out += _runs(comparison) + _family(comparison)
+    out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plot_files]
+    return "\n".join(out) + "\n"
+
+
+def _member_json(m: Member) -> dict[str, Any]:
+    return {k: v for k, v in asdict(m).items() if k != "rows"}
+
+
+def report_json(comparison: Comparison, title: str, command: str, made: dict[str, Any]) -> dict[str, Any]:
+    """The report's numbers without the metrics rows (those stay in the run folders)."""
+    return {
+        "title": title, "command": command, "provenance": made, "method": METHOD, "setup": comparison.setup,
+        "config": comparison.config, "runs": comparison.runs,
+        "family": {str(seed): [_member_json(m) for m in ms] for seed, ms in comparison.family.items()},
+        "arms": [{k: v for k, v in asdict(a).items() if k != "rows"} for a in comparison.arms],
+        "summaries": comparison.summaries, "recommendation": comparison.recommendation, **comparison.extra,
+    }
+
+
+def _plots(comparison: Comparison, out: Path) -> list[Path]:
+    """Loss curves and the family for every report; the switch when a run of the first seed switched."""
+    first_seed = min(comparison.family)
+    family = comparison.family[first_seed]
+    files = [
+        plots.plot_curves(out / "loss_curves.png", {f"baseline {m.steps} seed {first_seed}": m.rows for m in family},
+                          {f"{a.label} seed {a.seed}": a.rows for a in comparison.arms}),
+        plots.plot_family(out / "family.png",
+                          {seed: [(m.steps, m.final_val_loss) for m in ms] for seed, ms in comparison.family.items()},
+                          [(f"{a.label} seed {a.seed}", a.steps, a.final_val_loss, a.baseline_steps,
+                            format_speedup(a.speedup, a.bound)) for a in comparison.arms]),
+    ]
+    switching = [a for a in comparison.arms if a.spike and a.seed == first_seed]
+    if switching:
+        reference = next(m for m in family if m.steps == comparison.setup["steps"])
+        files.append(plots.plot_switch(out / "switch.png", reference.rows,
+                                       {a.label: (a.rows, a.spike) for a in switching}))
+    return files
+
+
+def write_report(comparison: Comparison, out: Path, title: str, command: str,
+                 extra_md: str = "", extra_plots: Sequence[str] = ()) -> Path:
+    """Write report.md, report.json and the PNG plots into ``out``; returns the report.md path."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = provenance()
+    files = [str(f) for f in _plots(comparison, out)] + list(extra_plots)
+    (out / "report.json").write_text(json.dumps(report_json(comparison, title, command, made), indent=2))
+    path = out / "report.md"
+    path.write_text(report_markdown(comparison, title, command, files, made) + extra_md)
+    return path
