@@ -30,6 +30,18 @@ class DistInfo:
         return self.rank == 0
 
 
+def torchrun_env() -> DistInfo:
+    """This process's place in the job, read once from torchrun's environment (one process outside torchrun)."""
+    try:
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        if world == 1:
+            return DistInfo()
+        return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    except (KeyError, ValueError):
+        found = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        raise SuperposeError(f"torchrun environment is not integers: {found}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a one-line error."""
     if name == "auto":
@@ -45,10 +57,9 @@ def resolve_device(name: str) -> torch.device:
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
     device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = torchrun_env()
+    if not info.enabled:
+        return info, device
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
