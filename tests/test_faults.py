@@ -144,7 +144,7 @@ def test_checkpoint_set_aside_for_replacement_is_restored(tiny_config):
 
 def test_nonfinite_weights_never_reach_the_model(tiny_config, monkeypatch):
     poison(monkeypatch, {2})
-    cfg = tiny_config(train={"steps": 2}, checkpoint={"every": 1, "keep": 5})
+    cfg = tiny_config(train={"steps": 2}, optim={"warmup_steps": 0}, checkpoint={"every": 1, "keep": 5})
     train(cfg, progress=False)
     one = load_file(cfg.run_dir / "checkpoints/step-0000001/model.safetensors")
     two = load_file(cfg.run_dir / "checkpoints/step-0000002/model.safetensors")

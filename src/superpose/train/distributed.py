@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,15 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / info.world_size
+
+
+def merge_across_ranks(part: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+    """Union of every rank's small dict (e.g. checksums of the files each rank hashed), on every rank."""
+    if not info.enabled:
+        return part
+    parts: list[dict[str, Any]] = [{} for _ in range(info.world_size)]
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:

@@ -129,7 +129,7 @@ class TrainModule:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = window.split(self.cfg.micro_batch_size)
+        micro = window.split(self.cfg.micro_batch_size(self.info.world_size))
         total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
         loads = []
