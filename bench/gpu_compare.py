@@ -1,6 +1,7 @@
 """One command, one GPU, about 8 minutes: the largest matched-FLOPs compare that fits, on the embedded corpus.
 
     pip install -e . && python bench/gpu_compare.py            # CUDA build of torch already installed
+    bash bench/gpu_check.sh                                    # runs it last, in the time the other checks leave
 
 It prepares the embedded corpus (the Python standard library, offline) if missing, times a few baseline steps of
 the model, picks the longest run whose comparison (a baseline trunk to 1.6 T, decays of 0.1/0.2/0.4 T, one TST run
@@ -19,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_throughput import gpu_environment
+from superpose.compare.report import provenance
 from superpose.data.prepare import prepare
 from superpose.errors import SuperposeError
 from superpose.train.config import load_config
@@ -67,8 +70,9 @@ def main() -> None:
                "--family", "0.5,1,2", "--out", str(args.out), "--quiet"]
     print(shlex.join(command), flush=True)
     subprocess.run(command, check=True)
-    (args.out / "gpu_command.json").write_text(json.dumps({"command": shlex.join(command), "ms_per_step": step_s * 1e3,
-                                                           "total_s": time.perf_counter() - start}, indent=2))
+    (args.out / "gpu_command.json").write_text(json.dumps({
+        "command": shlex.join(command), "ms_per_step": step_s * 1e3, "total_s": time.perf_counter() - start,
+        **provenance(), **gpu_environment()}, indent=2))
 
 
 if __name__ == "__main__":

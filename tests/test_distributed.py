@@ -1,18 +1,31 @@
-"""torchrun with 2 gloo processes on CPU: FSDP2 and DDP match one process; DCP checkpoints resume at any world size."""
+"""2-4 gloo processes on CPU: FSDP2, HSDP and DDP match one process (weights at init, losses, eval); gradients stay
+sharded during accumulation; DCP checkpoints resume at any world size (torchrun runs of the whole trainer)."""
 
 import os
+import resource
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_config
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from superpose import method
 from superpose.export import export
+from superpose.models import build_model
 from superpose.train.checkpoint import list_checkpoints
+from superpose.train.config import config_from_dict
+from superpose.train.distributed import DistInfo, any_rank, init_distributed, shutdown
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
+from superpose.train.step import StepInterrupted, TrainModule
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +116,172 @@ def test_moe_trains_under_fsdp(runs):
     out = rows(cfg.run_dir)
     assert [r["step"] for r in out] == list(range(1, 9))
     assert all(r["aux_loss"] > 0 and r["expert_load_max"] >= 1.0 and r["expert_load_cv"] >= 0 for r in out)
+
+
+# --- TrainModule on 2-4 gloo ranks, driven directly (spawned processes, no loop): one process is the reference ---
+
+VOCAB = 512
+BAGS = (4, 4, 1)  # three steps across a phase switch
+BATCH = 8
+
+
+def module_config(model=None, **train):
+    return config_from_dict({"model": model or {"preset": "tiny"}, "tst": {"bag": 4, "ratio": 0.5},
+                             "optim": {"lr": 3e-3, "warmup_steps": 0},
+                             "train": {"batch_size": BATCH, "seq_len": 16, "device": "cpu", **train}})
+
+
+def global_window(step, bag):
+    return torch.randint(0, VOCAB, (BATCH, method.window_length(16, bag)), generator=torch.Generator().manual_seed(step))
+
+
+def validation():
+    return torch.randint(0, VOCAB, (7, 17), generator=torch.Generator().manual_seed(99))  # 7: uneven over ranks
+
+
+def full_weights(module):
+    """A copy of every parameter in full on this process (a collective under FSDP)."""
+    full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in full.items()}
+
+
+def held_gradient_bytes(module):
+    """Gradient storage on this rank: the parameters' grads (FSDP2 shards) plus any unsharded grads FSDP2 keeps
+    aside between micro-batches when gradient sync is off."""
+    tensors = [p.grad for p in module.model.parameters()]
+    for m in module.objective.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for fp in group.fsdp_params if group else []:
+            tensors += [fp.unsharded_accumulated_grad, getattr(getattr(fp, "_unsharded_param", None), "grad", None)]
+    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
+               for t in tensors if t is not None)
+
+
+def train_scenario(info, **train):
+    """Init weights, three steps (recording gradient bytes between micro-batches), one distributed eval."""
+    module = TrainModule(module_config(**train), VOCAB, torch.device("cpu"), info)
+    out = {"init": full_weights(module), "losses": [], "held": [],
+           "full_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
+    local = BATCH // info.world_size
+    rows = slice(info.rank * local, (info.rank + 1) * local)
+    for step, bag in enumerate(BAGS):
+        def between():
+            out["held"].append(held_gradient_bytes(module))
+            return False
+        result = module.train_step(global_window(step, bag)[rows], bag, 1e-3, should_stop=between)
+        out["losses"].append(result.to_host())
+    out["eval"] = module.eval_loss(validation())
+    return out
+
+
+def _resident_kib():
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1])
+
+
+def build_memory_scenario(info, model, vocab=VOCAB, **train):
+    """Peak host memory a rank adds while building and initialising the model (imports and code loaded before)."""
+    build_model(model["preset"], vocab, device="meta", **model.get("overrides", {}))  # load the modeling code
+    before = _resident_kib()
+    module = TrainModule(module_config(model, **train), vocab, torch.device("cpu"), info)
+    return {"added_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
+            "model_kib": sum(p.numel() * p.element_size() for p in module.model.parameters()) // 1024}
+
+
+def interrupt_scenario(info, **train):
+    """SIGTERM reaches rank 0 only, during micro-batch 2: the ranks agree, abandon the step at the same micro-batch,
+    and the step run again afterwards is the one an uninterrupted run takes."""
+    module = TrainModule(module_config(**train), VOCAB, torch.device("cpu"), info)
+    local = BATCH // info.world_size
+    rows = slice(info.rank * local, (info.rank + 1) * local)
+    asked = []
+
+    def should_stop():
+        asked.append(True)
+        return any_rank(info.rank == 0 and len(asked) == 2, info)
+
+    try:
+        module.train_step(global_window(0, BAGS[0])[rows], BAGS[0], 1e-3, should_stop=should_stop)
+    except StepInterrupted:
+        pass
+    return {"asked": len(asked), "step": module.train_step(global_window(0, BAGS[0])[rows], BAGS[0], 1e-3).to_host()}
+
+
+SCENARIOS = {"train": train_scenario, "build_memory": build_memory_scenario, "interrupt": interrupt_scenario}
+
+
+def _rank_main(rank, world, port, out_dir, scenario, kwargs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info, _ = init_distributed("cpu")
+    try:
+        torch.save(SCENARIOS[scenario](info, **kwargs), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        shutdown()
+
+
+def spawn(world, out_dir, scenario="train", **kwargs):
+    """Run a scenario on ``world`` gloo ranks (one plain process for 1); every rank's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_rank_main, args=(world, port, str(out_dir), scenario, kwargs),
+                                          nprocs=world, start_method="spawn")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    torch.set_num_threads(1)
+    return train_scenario(DistInfo(), micro_batch_size=1)
+
+
+def assert_same_run(ranks, reference):
+    for rank in ranks:
+        assert rank["eval"] == pytest.approx(reference["eval"], abs=1e-6)
+        for got, want in zip(rank["losses"], reference["losses"], strict=True):
+            assert got.keys() == want.keys()
+            assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+    init = ranks[0]["init"]
+    assert init.keys() == reference["init"].keys()
+    assert all(torch.equal(init[k], reference["init"][k]) for k in init)
+
+
+def test_fsdp_shards_init_gradients_and_eval(one_process, tmp_path):
+    """2 ranks, accumulation over 4 micro-batches: the same initial weights, losses and eval as one process, and
+    between micro-batches a rank holds half the gradient bytes, never a full unsharded copy."""
+    ranks = spawn(2, tmp_path, parallel="fsdp", micro_batch_size=1)
+    assert_same_run(ranks, one_process)
+    for rank in ranks:
+        assert len(rank["held"]) == 3 * len(BAGS)  # asked between each step's 4 micro-batches
+        assert all(0.45 * rank["full_bytes"] < held < 0.55 * rank["full_bytes"] for held in rank["held"])
+
+
+def test_hsdp_two_by_two_matches_one_process(one_process, tmp_path):
+    """4 ranks as 2 replica groups of 2 shards (HSDP): the same run as one process."""
+    ranks = spawn(4, tmp_path, parallel="fsdp", replicas=2, micro_batch_size=1)
+    assert_same_run(ranks, one_process)
+    assert all(0.45 * r["full_bytes"] < max(r["held"]) < 0.55 * r["full_bytes"] for r in ranks)
+
+
+def test_ddp_matches_one_process(one_process, tmp_path):
+    assert_same_run(spawn(2, tmp_path, parallel="ddp", micro_batch_size=1), one_process)
+
+
+def test_sharded_build_holds_a_fraction_of_host_memory(tmp_path):
+    """Built on meta, sharded, then materialised: each of 2 ranks adds about half of what one process adds."""
+    model = {"preset": "small", "overrides": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                                              "intermediate_size": 1536}}  # 29M parameters: 112 MiB in fp32
+    (tmp_path / "one").mkdir()
+    (single,) = spawn(1, tmp_path / "one", "build_memory", model=model)
+    sharded = spawn(2, tmp_path, "build_memory", model=model, parallel="fsdp")
+    assert single["added_kib"] > 0.9 * single["model_kib"]
+    assert all(rank["added_kib"] < 0.65 * single["added_kib"] for rank in sharded)
+
+
+def test_stop_between_micro_batches_agrees_across_ranks(one_process, tmp_path):
+    ranks = spawn(2, tmp_path, "interrupt", parallel="fsdp", micro_batch_size=1)
+    assert [r["asked"] for r in ranks] == [2, 2]  # both abandoned before micro-batch 3 of 4
+    for rank in ranks:
+        assert all(rank["step"][k] == pytest.approx(one_process["losses"][0][k], abs=1e-5) for k in rank["step"])

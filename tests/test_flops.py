@@ -8,6 +8,8 @@ from transformers import LlamaConfig, Qwen3MoeConfig
 from superpose.flops import (
     flops_per_step,
     flops_per_token,
+    mfu,
+    peak_bf16_flops,
     matmul_parameters,
     superpose_overhead_flops,
 )
@@ -78,3 +80,25 @@ def test_superpose_overhead_is_negligible_for_tiny() -> None:
         ratio = superpose_overhead_flops(config, 8, seq_len, bag=16) / flops_per_step(config, 8, seq_len)
         assert 0 < ratio < 1e-3
     assert superpose_overhead_flops(config, 1, 1, bag=4) == 2 * (4 * 128 + 128 + 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
+def test_bf16_peak_by_gpu_name(name: str, peak: float | None) -> None:
+    assert peak_bf16_flops(name) == peak
+
+
+def test_mfu_is_achieved_over_peak() -> None:
+    # 8 GPUs of 989 TFLOP/s, 4e15 model FLOPs in 1.25 s: 3.2e15 FLOP/s of 7.912e15
+    assert mfu(4e15, 1.25, "NVIDIA H100 80GB HBM3", devices=8) == pytest.approx(3.2e15 / 7.912e15)
+    assert mfu(4e15, 1.25, "cpu") is None

@@ -1,11 +1,26 @@
-"""The chunked, head-fused multi-hot CE equals the full-logits method loss (value and gradients) in every case."""
+"""The fused, chunked multi-hot CE equals the full-logits method loss (value and gradients) in every case.
+
+Most cases run the chunk function eagerly (seconds); the ``compiled`` cases check that ``torch.compile`` gives the
+same numbers, compiles once for every chunk length and bag size > 1, and falls back to eager where it cannot compile.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from superpose.losses import chunked_multi_hot_cross_entropy, multi_hot_normaliser
+from superpose.losses import _compiled_chunk, _CompiledOrEager, chunked_multi_hot_cross_entropy
 from superpose.method import multi_hot_cross_entropy, target_weights
+
+UPSTREAM = 0.37  # a non-unit gradient from above, so the backward's scaling of the stored gradients is checked
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """Skip where ``torch.compile`` cannot run at all (no C++ compiler); the fallback test covers that case."""
+    try:
+        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(2))
+    except Exception as err:
+        pytest.skip(f"torch.compile unavailable here: {type(err).__name__}")
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +48,24 @@ def _loss_and_grads(loss_fn, hidden, weight, bias):
     for t in (hidden, weight, bias):
         t.grad = None
     loss = loss_fn()
-    loss.backward()
+    loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype))
     return loss.detach(), hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()
 
 
 def _assert_all_close(got, want, atol=1e-5, rtol=1e-5):
     for name, g, w in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _reference(hidden, weight, bias, targets, weights=None):
+    return _loss_and_grads(lambda: multi_hot_cross_entropy(hidden @ weight.T + bias, targets, weights=weights),
+                           hidden, weight, bias)
+
+
+def _fused(hidden, weight, bias, targets, chunk_size, weights=None, compiled=False):
+    return _loss_and_grads(
+        lambda: chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, weights=weights,
+                                                bias=bias, compiled=compiled), hidden, weight, bias)
 
 
 @pytest.mark.parametrize("bag", [1, 4, 16])
@@ -50,12 +76,46 @@ def test_matches_full_logits_loss_and_grads(bag, chunk_size, weighted):
     weights = target_weights(bag, "power", 1.0) if weighted else None
     if weighted and bag == 1:
         weights = torch.tensor([0.7])
-    want = _loss_and_grads(
-        lambda: multi_hot_cross_entropy(hidden @ weight.T + bias, targets, weights=weights), hidden, weight, bias)
-    got = _loss_and_grads(
-        lambda: chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, weights=weights,
-                                                bias=bias), hidden, weight, bias)
-    _assert_all_close(got, want)
+    want = _reference(hidden, weight, bias, targets, weights)
+    _assert_all_close(_fused(hidden, weight, bias, targets, chunk_size, weights), want)
+
+
+def test_compiled_matches_reference_and_compiles_once_for_every_chunk_length_and_bag(compiles):
+    """One dynamic graph serves chunks of 7 rows and the last one of 6 at bag 4, then bag 16 and other lengths."""
+    torch._dynamo.reset()
+    weights = target_weights(4, "power", 1.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for bag, chunk_size in ((4, 7), (16, 7), (16, 10), (4, 13)):
+            case = _case(bag + chunk_size, 2, 24, 16, 97, bag, ignore=0.2)
+            w = weights if bag == 4 else None
+            _assert_all_close(_fused(*case, chunk_size=chunk_size, weights=w, compiled=True),
+                              _reference(*case, weights=w))
+    assert not _compiled_chunk.failed  # it compiled (a recompile would have raised and fallen back to eager)
+
+
+def test_compiled_bag_one_is_standard_cross_entropy(compiles):
+    hidden, weight, bias, targets = _case(12, 2, 24, 16, 97, 1, ignore=0.2)
+    want = _loss_and_grads(lambda: F.cross_entropy((hidden @ weight.T + bias).reshape(-1, 97), targets.reshape(-1)),
+                           hidden, weight, bias)
+    _assert_all_close(_fused(hidden, weight, bias, targets, chunk_size=10, compiled=True), want)
+    assert not _compiled_chunk.failed
+
+
+def test_falls_back_to_eager_when_compiling_fails():
+    """A function ``torch.compile(fullgraph=True)`` cannot take stands in for a machine where compiling fails."""
+    calls = []
+
+    def breaks_the_graph(x: torch.Tensor):
+        calls.append(1)
+        torch._dynamo.graph_break()
+        return x * 2, None, None
+
+    run = _CompiledOrEager(breaks_the_graph)
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        assert torch.equal(run(torch.ones(3))[0], torch.full((3,), 2.0))
+    assert run.failed
+    calls.clear()
+    assert torch.equal(run(torch.ones(2))[0], torch.full((2,), 2.0)) and calls == [1]  # eager: no second try
 
 
 def test_bag_one_equals_standard_cross_entropy():
@@ -80,29 +140,42 @@ def test_custom_ignore_index_and_no_bias():
                                want, atol=1e-6, rtol=1e-6)
 
 
-def test_sum_reduction_over_normaliser_is_the_mean_across_shards():
-    """Two "ranks" each return sums; dividing by the all-reduced count gives the mean of the whole batch."""
-    hidden, weight, bias, targets = _case(4, 4, 10, 8, 60, 4, ignore=0.4)
-    weights = target_weights(4, "power", 0.5)
-    want = _loss_and_grads(
-        lambda: chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=6, weights=weights, bias=bias),
-        hidden, weight, bias)
-
-    def sharded():
-        count = sum(multi_hot_normaliser(targets[i:i + 2], weights=weights) for i in (0, 2))
-        sums = [chunked_multi_hot_cross_entropy(hidden[i:i + 2], weight, targets[i:i + 2], chunk_size=6,
-                                                weights=weights, bias=bias, reduction="sum") for i in (0, 2)]
-        return sum(sums) / count
-
-    _assert_all_close(_loss_and_grads(sharded, hidden, weight, bias), want)
+def test_no_grad_gives_the_same_loss_without_a_graph():
+    hidden, weight, bias, targets = _case(4, 2, 10, 8, 60, 4, ignore=0.4)
+    with torch.no_grad():
+        loss = chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=6, bias=bias)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, multi_hot_cross_entropy(hidden @ weight.T + bias, targets).detach(),
+                               atol=1e-6, rtol=1e-6)
 
 
-def test_gradcheck_float64():
+def test_second_backward_is_refused():
+    """The gradients are handed over on the first backward, so a retained graph cannot silently give wrong ones."""
+    hidden, weight, _, targets = _case(9, 1, 6, 8, 20, 2)
+    loss = chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+def test_float64_gradients_match_finite_differences():
+    """In fp64 each gradient's directional derivative equals a central difference of the loss (gradcheck's idea;
+    gradcheck itself runs backward twice on one graph, which this function refuses)."""
     hidden, weight, bias, targets = _case(5, 2, 3, 4, 11, 3, ignore=0.2, dtype=torch.float64)
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: chunked_multi_hot_cross_entropy(h, w, targets, chunk_size=4, weights=weights, bias=b),
-        (hidden, weight, bias))
+
+    def loss(h, w, b):
+        return chunked_multi_hot_cross_entropy(h, w, targets, chunk_size=4, weights=weights, bias=b)
+
+    inputs = (hidden, weight, bias)
+    grads = torch.autograd.grad(loss(*inputs), inputs)
+    g = torch.Generator().manual_seed(0)
+    for i, grad in enumerate(grads):
+        step = 1e-6 * torch.randn(inputs[i].shape, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            plus, minus = ([t + s * step if j == i else t for j, t in enumerate(inputs)] for s in (1, -1))
+            numeric = (loss(*plus) - loss(*minus)) / 2
+        torch.testing.assert_close((grad * step).sum(), numeric, atol=1e-12, rtol=1e-6)
 
 
 def test_partial_requires_grad():
@@ -113,16 +186,32 @@ def test_partial_requires_grad():
     assert hidden.grad is not None and weight.grad is None
 
 
-def test_autocast_bf16_matmul_fp32_softmax():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_bf16_matmul_fp32_softmax(compiled, request):
     """Under autocast the head runs in bf16 (like the full path), loss and weight grad stay fp32."""
+    if compiled:
+        request.getfixturevalue("compiles")
     hidden, weight, _, targets = _case(7, 2, 16, 32, 64, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=10)
+        loss = chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=10, compiled=compiled)
         ref = multi_hot_cross_entropy(hidden @ weight.T, targets)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == torch.float32 and not (compiled and _compiled_chunk.failed)
     torch.testing.assert_close(loss, ref, atol=2e-2, rtol=1e-2)
     loss.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    full_h, full_w = torch.autograd.grad(multi_hot_cross_entropy(hidden @ weight.T, targets), (hidden, weight))
+    torch.testing.assert_close(hidden.grad, full_h, atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(weight.grad, full_w, atol=2e-2, rtol=5e-2)
+
+
+def test_bf16_parameters_without_autocast():
+    """bf16 hidden and head (FSDP's bf16 parameters): bf16 matmuls, fp32 loss, gradients in the inputs' dtype."""
+    hidden, weight, _, targets = _case(10, 2, 16, 32, 64, 4)
+    loss = chunked_multi_hot_cross_entropy(hidden.bfloat16(), weight.bfloat16(), targets, chunk_size=10)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, multi_hot_cross_entropy(hidden @ weight.T, targets), atol=2e-2, rtol=1e-2)
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32  # through .bfloat16()
     full_h, full_w = torch.autograd.grad(multi_hot_cross_entropy(hidden @ weight.T, targets), (hidden, weight))
     torch.testing.assert_close(hidden.grad, full_h, atol=2e-2, rtol=5e-2)
     torch.testing.assert_close(weight.grad, full_w, atol=2e-2, rtol=5e-2)
@@ -132,8 +221,6 @@ def test_rejects_bad_arguments():
     hidden, weight, _, targets = _case(8, 1, 4, 8, 20, 2)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=0)
-    with pytest.raises(ValueError, match="reduction"):
-        chunked_multi_hot_cross_entropy(hidden, weight, targets, reduction="none")
     with pytest.raises(ValueError, match="targets"):
         chunked_multi_hot_cross_entropy(hidden, weight, targets[:, :2])
     with pytest.raises(ValueError, match="weight"):

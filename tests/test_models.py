@@ -10,12 +10,16 @@ import torch
 from superpose.errors import SuperposeError
 from superpose.models import (
     PRESETS,
+    _row_blocks,
     build_model,
     describe_presets,
     expected_parameter_counts,
     init_weights,
+    materialize,
     model_config,
     parameter_counts,
+    router_aux_loss,
+    use_causal_sdpa,
 )
 
 TINY = ["tiny", "tiny-qwen3", "tiny-moe"]
@@ -163,3 +167,53 @@ def test_describe_presets_lists_every_preset() -> None:
     table = describe_presets()
     assert all(name in table for name in PRESETS)
     assert "10.1B" in table and "1.04B" in table
+
+
+def test_meta_build_then_materialize_equals_a_direct_build() -> None:
+    shell = build_model("tiny-qwen3", 300, device="meta")
+    assert all(p.is_meta for p in shell.parameters())
+    materialize(shell, torch.device("cpu"), seed=3)
+    direct = build_model("tiny-qwen3", 300, seed=3)
+    assert shell.lm_head.weight is shell.model.embed_tokens.weight  # tying survives materialising
+    assert all(torch.equal(a, b) for a, b in zip(shell.state_dict().values(), direct.state_dict().values()))
+    assert torch.equal(shell.model.rotary_emb.inv_freq, direct.model.rotary_emb.inv_freq)
+    resumed = build_model("tiny-qwen3", 300, device="meta")
+    materialize(resumed, torch.device("cpu"), seed=None)  # resuming: storage only, the checkpoint fills it
+    assert torch.equal(resumed.model.rotary_emb.inv_freq, direct.model.rotary_emb.inv_freq)
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 7), (3, 5), (6, 7), (2, 2)])
+def test_any_rows_of_a_parameter_draw_the_same_values(start: int, stop: int) -> None:
+    """A shard draws its own rows only, and they are the rows a whole-tensor draw gives (across block edges too)."""
+    shape = torch.Size([7, 300_000])  # 3 rows per block of 2**20 values
+
+    def draw(start: int, stop: int, name: str = "w") -> torch.Tensor:
+        blocks = list(_row_blocks(shape, start, stop, 0.02, seed=1, name=name))
+        assert all(row + len(values) <= stop and len(values) <= 3 for row, values in blocks)
+        return torch.cat([values for _, values in blocks]) if blocks else torch.empty(0, shape[1])
+
+    whole = draw(0, 7)
+    assert torch.equal(draw(start, stop), whole[start:stop])
+    assert not torch.equal(draw(0, 7, name="v"), whole)
+
+
+def test_router_loss_is_the_models_own_from_either_output() -> None:
+    model = build_model("tiny-moe", 300, seed=0)
+    ids = torch.randint(0, 300, (2, 16))
+    own = model(input_ids=ids).aux_loss
+    backbone = model.model(input_ids=ids, output_router_logits=True)
+    assert torch.equal(router_aux_loss(model, backbone), own)
+    dense = build_model("tiny", 300)
+    assert router_aux_loss(dense, dense.model(input_ids=ids)) is None
+
+
+def test_moe_experts_run_as_grouped_matmuls() -> None:
+    assert build_model("tiny-moe", device="meta").config._experts_implementation == "grouped_mm"
+
+
+def test_causal_sdpa_gives_the_same_logits_without_a_mask() -> None:
+    model = build_model("tiny", 300, seed=0)
+    ids = torch.randint(0, 300, (2, 16))
+    plain = model(input_ids=ids).logits
+    use_causal_sdpa(model)
+    assert torch.equal(model(input_ids=ids).logits, plain)

@@ -94,10 +94,10 @@ def test_bag_one_step_equals_plain_huggingface_loss(embedded_data, tiny_config):
     """The TST code path at bag 1 computes exactly the model's own next-token loss (labels=...)."""
     cfg = tiny_config(tst={"bag": 1, "ratio": 0.0})
     data = open_dataset(embedded_data)
-    model = build_model("tiny", data.vocab_size, seed=0)
     window = WindowLoader(data.split("train"), 4, 0).next_batch(method.window_length(16, 1))
-    ours, _ = TrainModule(model, cfg, torch.device("cpu")).loss(window, 1, "both")
-    logits = model(input_ids=window[:, :-1]).logits
+    module = TrainModule(cfg, data.vocab_size, torch.device("cpu"))
+    ours = module.loss(window, 1, "both").loss
+    logits = module.model(input_ids=window[:, :-1]).logits
     ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
     assert torch.equal(ours, ref)
 

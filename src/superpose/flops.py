@@ -9,11 +9,16 @@ the full L x L score matrix: causal masking is NOT halved, matching PaLM and mos
 A TST phase-1 step runs the transformer on the same L positions as a baseline step (each position
 holds the mean embedding of a bag of tokens), so its model FLOPs equal `flops_per_step` at that L;
 only the bag mean and the multi-hot target gather are extra, see `superpose_overhead_flops`.
+
+`mfu` sets those model FLOPs per second against the GPU's dense bf16 peak (`peak_bf16_flops`, by device name). The
+parameter arithmetic (attention, MLP/experts, head width) is `superpose.models`', shared with its count checks.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+
+from .models import attention_parameters, mlp_parameters, resolve_head_dim
 
 
 def _is_sparse_layer(config: PretrainedConfig, layer: int) -> bool:
@@ -27,27 +32,15 @@ def _is_sparse_layer(config: PretrainedConfig, layer: int) -> bool:
 
 def matmul_parameters(config: PretrainedConfig) -> int:
     """Active parameters that take part in matmuls per position, LM head included, embeddings lookup not."""
-    d = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q_width = config.num_attention_heads * head_dim
-    kv_width = config.num_key_value_heads * head_dim
-    attention = d * q_width + 2 * d * kv_width + q_width * d
-    total = config.vocab_size * d  # LM head (a matmul even when tied to the embedding)
+    total = config.vocab_size * config.hidden_size  # LM head (a matmul even when tied to the embedding)
     for layer in range(config.num_hidden_layers):
-        total += attention
-        if _is_sparse_layer(config, layer):
-            routed = config.num_experts_per_tok * 3 * d * config.moe_intermediate_size
-            total += routed + d * config.num_experts  # active experts + router
-        else:
-            total += 3 * d * config.intermediate_size  # SwiGLU: gate, up, down
+        total += attention_parameters(config) + mlp_parameters(config, _is_sparse_layer(config, layer))[1]
     return total
 
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> int:
     """Forward + backward model FLOPs per position at context length `seq_len` (PaLM convention)."""
-    d = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    attention_scores = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    attention_scores = 12 * config.num_hidden_layers * config.num_attention_heads * resolve_head_dim(config) * seq_len
     return 6 * matmul_parameters(config) + attention_scores
 
 
@@ -67,3 +60,33 @@ def superpose_overhead_flops(config: PretrainedConfig, batch_size: int, seq_len:
     d = config.hidden_size
     per_position = bag * d + d + 2 * bag
     return 2 * per_position * batch_size * seq_len
+
+
+# Dense bf16 tensor-core peak FLOP/s (no 2:4 sparsity) from the vendors' data sheets, by device-name fragment; the
+# more specific names come first ("H100 PCIe" before "H100", which is the SXM part).
+_BF16_PEAK = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU named as ``torch.cuda.get_device_name()`` names it; None when unknown."""
+    return next((peak for fragment, peak in _BF16_PEAK if fragment in device_name), None)
+
+
+def mfu(model_flops: float, seconds: float, device_name: str, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the bf16 peak of ``devices`` GPUs; None when unknown.
+
+    ``model_flops`` is what :func:`flops_per_step` counts (no recomputation from activation checkpointing, as MFU
+    is defined by PaLM); the loop passes one step's FLOPs and its wall time.
+    """
+    peak = peak_bf16_flops(device_name)
+    if peak is None or seconds <= 0:
+        return None
+    return model_flops / seconds / (peak * devices)

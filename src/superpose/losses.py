@@ -1,30 +1,26 @@
-"""Memory-efficient multi-hot cross-entropy, fused with the LM head.
+"""Multi-hot cross-entropy fused with the LM head, chunked over positions, gradients computed in the forward.
 
 :func:`superpose.method.multi_hot_cross_entropy` takes full logits, so a caller holds ``[B*L, V]`` logits, their fp32
-log-softmax and, in backward, their gradient: at a 150k vocabulary that dwarfs the rest of the activations. Here the
-head matmul and the loss run over chunks of positions, and backward recomputes each chunk's logits and turns them
-straight into ``grad_hidden`` rows and an in-place ``grad_weight`` accumulation, so at most a few ``[chunk, V]``
-tensors are alive at any time, at any bag size. The cost is one extra head matmul (the recompute) per step.
+log-softmax and, in backward, their gradient: at a 128k vocabulary that dwarfs the rest of the activations. Here the
+head matmul and the loss run over chunks of positions, and each chunk's logits are turned into the loss *and* their
+gradient at once (as Liger-Kernel's fused linear cross-entropy does), which two matmuls consume straight away into
+``grad_hidden`` rows and a ``grad_weight`` accumulation. Backward only scales the stored gradients, so the head
+matmul runs once (no recompute), and at most one or two ``[chunk, V]`` tensors are alive at any time, at any bag size.
+
+Per chunk the softmax and its gradient are one small function, :func:`_chunk_loss_and_grad`. With ``compiled=True``
+it runs through ``torch.compile`` (one graph for every chunk length and bag size > 1: the shapes are dynamic), which
+fuses its max/exp/sum/scale/cast passes over the logits into a couple of kernels; where compiling is impossible
+(no C++ compiler or Triton, an unsupported Python) the same function runs eagerly, with a warning.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import warnings
+from typing import Any, Callable
 
 import torch
 
-Reduction = Literal["mean", "sum"]
-
-
-def multi_hot_normaliser(
-    targets: torch.Tensor, ignore_index: int = -100, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The (weighted) count of valid targets, the denominator of the mean loss, as an fp32 scalar.
-
-    Exposed so a distributed caller can all-reduce it and divide ``reduction="sum"`` losses by the global count.
-    """
-    valid = targets != ignore_index
-    return _target_mass(valid, weights).sum()
+ChunkResult = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def chunked_multi_hot_cross_entropy(
@@ -36,14 +32,17 @@ def chunked_multi_hot_cross_entropy(
     ignore_index: int = -100,
     weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    reduction: Reduction = "mean",
+    compiled: bool = False,
 ) -> torch.Tensor:
     """``multi_hot_cross_entropy(hidden @ weight.T + bias, targets)`` without materialising the logits.
 
     hidden ``[B, L, d]``, weight ``[V, d]``, targets ``[B, L, bag]`` (``ignore_index`` marks padding), weights
-    ``[bag]`` over positions in the bag. ``reduction="mean"`` divides by the local :func:`multi_hot_normaliser`;
-    ``"sum"`` returns the unnormalised sum for callers that divide by an all-reduced count. Under autocast the
-    matmuls run in the autocast dtype and the softmax in fp32 (fp64 inputs stay fp64), as for the full-logits path.
+    ``[bag]`` over positions in the bag; returns the (weighted) mean over valid targets. Under autocast the matmuls
+    run in the autocast dtype and the softmax in fp32 (fp64 inputs stay fp64), as for the full-logits path.
+    ``compiled`` runs each chunk's softmax and gradient through ``torch.compile`` (falling back to eager).
+
+    When grad mode is on and an input requires grad, the gradients are computed during this call and held until
+    backward (one ``[V, d]`` fp32 buffer: the head's gradient, handed over without a copy to an fp32 head).
     """
     if hidden.dim() != 3 or targets.dim() != 3 or hidden.shape[:2] != targets.shape[:2]:
         raise ValueError(f"expected hidden [B, L, d] and targets [B, L, bag], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
@@ -51,56 +50,135 @@ def chunked_multi_hot_cross_entropy(
         raise ValueError(f"expected weight [V, {hidden.shape[2]}], got {tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     targets2d = targets.reshape(-1, targets.shape[-1])
     valid = targets2d != ignore_index
-    mass = _target_mass(valid, weights)
+    mass = valid.to(acc_dtype) if weights is None else weights.to(device=valid.device, dtype=acc_dtype) * valid
+    mass = mass / mass.sum()  # folded in here, so each chunk's terms and gradients come out already normalised
     index = torch.where(valid, targets2d, 0)
-    total = _ChunkedMultiHotCE.apply(hidden2d, weight, bias, index, mass, chunk_size, compute_dtype)
-    return total if reduction == "sum" else total / mass.sum()
+    need = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    if any(need):
+        return _FusedMultiHotCE.apply(hidden2d, weight, bias, index, mass, chunk_size, compute_dtype, compiled, need)
+    with torch.autocast(device_type, enabled=False):
+        return _chunked(hidden2d, weight, bias, index, mass, chunk_size, compute_dtype, compiled, need)[0]
 
 
-def _target_mass(valid: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Per-target weight ``[..., bag]`` in fp32: the position weight where the target is valid, else 0."""
-    if weights is None:
-        return valid.float()
-    return weights.to(device=valid.device, dtype=torch.float32) * valid
+def _chunk_loss_and_grad(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    mass: torch.Tensor,
+    grad_dtype: torch.dtype | None,
+    bias_grad: bool,
+) -> ChunkResult:
+    """One chunk: ``sum(mass * (logsumexp(z) - z[index]))`` and, if ``grad_dtype``, its gradient w.r.t. the logits.
 
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """One chunk's logits (``weight`` already in ``dtype``), returned in the softmax dtype: fp32, or fp64 for fp64."""
-    logits = hidden.to(dtype) @ weight.T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    return logits.to(torch.promote_types(dtype, torch.float32))
-
-
-def _exp_shifted_(z: torch.Tensor) -> torch.Tensor:
-    """Overwrite ``z`` with ``exp(z - max)`` row-wise and return the max: a stable softmax with no ``[chunk, V]`` copy."""
+    The gradient is ``mass.sum(-1) * softmax(z) - scatter(mass at index)``, returned in ``grad_dtype`` for the two
+    matmuls, plus its fp32 column sum when the bias needs a gradient. In-place ops on its own intermediates keep the
+    eager version at about one ``[chunk, V]`` buffer; under ``torch.compile`` they become fused passes.
+    """
+    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    picked = z.gather(-1, index)
     shift = z.amax(-1, keepdim=True)
     z.sub_(shift).exp_()
-    return shift
+    norm = z.sum(-1, keepdim=True)
+    loss = (mass * (norm.log() + shift - picked)).sum()
+    if grad_dtype is None:
+        return loss, None, None
+    z.mul_(mass.sum(-1, keepdim=True) / norm)
+    z.scatter_add_(-1, index, -mass)
+    return loss, z.to(grad_dtype), z.sum(0) if bias_grad else None
 
 
-def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
-    """Row-wise logsumexp that consumes ``z`` (overwritten) instead of allocating temporaries of its size."""
-    shift = _exp_shifted_(z)
-    return z.sum(-1).log_().add_(shift.squeeze(-1))
+class _CompiledOrEager:
+    """``fn`` through ``torch.compile`` with dynamic shapes, or eagerly once compiling has failed here.
+
+    Dynamic shapes give one graph for every chunk length (the last chunk is shorter) and every bag size; only size
+    0/1 dimensions (bag 1, a one-row last chunk) are specialised, as ``torch.compile`` always does.
+    """
+
+    def __init__(self, fn: Callable[..., ChunkResult]):
+        self.fn = fn
+        self.compiled: Callable[..., ChunkResult] | None = None
+        self.failed = False
+
+    def __call__(self, *args: Any) -> ChunkResult:
+        if not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # no C++ compiler / Triton, unsupported Python, a backend failure
+                self.failed = True
+                reason = (str(err).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({type(err).__name__}: {reason}); "
+                              "running it eagerly", RuntimeWarning, stacklevel=2)
+        return self.fn(*args)
 
 
-class _ChunkedMultiHotCE(torch.autograd.Function):
-    """Sum over positions of ``sum_j mass_j * (logsumexp(z) - z[t_j])``, with chunk-by-chunk forward and backward.
+_compiled_chunk = _CompiledOrEager(_chunk_loss_and_grad)
 
-    The gradient w.r.t. a chunk's logits is ``mass.sum(-1) * softmax(z) - scatter(mass at t)``: built in place in the
-    recomputed softmax, then consumed by two matmuls, so nothing of size ``[B*L, V]`` ever exists. Autocast is
-    switched off inside; the caller's compute dtype is passed in so forward and backward cast identically.
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    mass: torch.Tensor,
+    chunk_size: int,
+    dtype: torch.dtype,
+    compiled: bool,
+    need: tuple[bool, ...],
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """The loss over all chunks and, for each of hidden/weight/bias that ``need`` names, its gradient.
+
+    Matmuls run in ``dtype``; the loss and the weight and bias gradients accumulate in fp32 (fp64 for fp64).
+    Autocast must be off (the caller's ``dtype`` already says how to cast).
+    """
+    acc_dtype = torch.promote_types(dtype, torch.float32)
+    need_h, need_w, need_b = need
+    step = _compiled_chunk if compiled else _chunk_loss_and_grad
+    weight_c = weight.to(dtype)
+    bias_c = bias.to(dtype) if bias is not None else None
+    grad_dtype = dtype if any(need) else None
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_w = grad_b = None  # the first chunk's terms, then accumulated into: no zero-filled [V, d] pass
+    loss = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows].to(dtype)
+        part, dz, dbias = step(h, weight_c, bias_c, index[rows], mass[rows], grad_dtype, need_b)
+        loss += part
+        if need_b:
+            grad_b = dbias if grad_b is None else grad_b.add_(dbias)
+        if need_h:
+            grad_h[rows] = dz @ weight_c
+        if need_w:
+            if grad_w is None:
+                grad_w = (dz.T @ h).to(acc_dtype)
+            elif acc_dtype == dtype:
+                grad_w.addmm_(dz.T, h)
+            else:
+                grad_w += dz.T @ h
+        del dz
+    return loss, (grad_h, grad_w, grad_b)
+
+
+class _FusedMultiHotCE(torch.autograd.Function):
+    """The chunked loss, with hidden/weight/bias gradients computed in the forward and scaled in the backward.
+
+    The stored gradients are handed over (scaled in place) on the first backward, so ``weight.grad`` takes the
+    ``[V, d]`` buffer without a copy; a second backward through the same graph is refused.
     """
 
     @staticmethod
@@ -113,57 +191,21 @@ class _ChunkedMultiHotCE(torch.autograd.Function):
         mass: torch.Tensor,
         chunk_size: int,
         compute_dtype: torch.dtype,
+        compiled: bool,
+        need: tuple[bool, ...],
     ) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
-            acc_dtype = torch.promote_types(compute_dtype, torch.float32)
-            total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-            weight_c = weight.to(compute_dtype)
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
-                z = _chunk_logits(hidden[rows], weight_c, bias, compute_dtype)
-                picked = z.gather(-1, index[rows])
-                lse = _logsumexp_(z)
-                total += ((lse.unsqueeze(-1) - picked) * mass[rows].to(acc_dtype)).sum()
-                del z
-        ctx.save_for_backward(hidden, weight, bias, index, mass)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
-        return total
+            loss, ctx.grads = _chunked(hidden, weight, bias, index, mass, chunk_size, compute_dtype, compiled, need)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, index, mass = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        acc_dtype = torch.promote_types(dtype, torch.float32)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_b else None
-        weight_c = weight.to(dtype)
-        scale = grad_total.to(acc_dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, start + ctx.chunk_size)
-                h = hidden[rows].to(dtype)
-                m = mass[rows].to(acc_dtype) * scale
-                dz = _chunk_logits(h, weight_c, bias, dtype)
-                _exp_shifted_(dz)
-                dz.mul_(m.sum(-1, keepdim=True) / dz.sum(-1, keepdim=True))  # softmax times the row's target mass
-                dz.scatter_add_(-1, index[rows], -m)
-                if grad_b is not None:
-                    grad_b += dz.sum(0)
-                dz = dz.to(dtype)
-                if grad_h is not None:
-                    grad_h[rows] = dz @ weight_c
-                if grad_w is not None:
-                    if acc_dtype == dtype:
-                        grad_w.addmm_(dz.T, h)
-                    else:
-                        grad_w += dz.T @ h
-                del dz
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-            None, None, None, None,
-        )
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("chunked_multi_hot_cross_entropy computes its gradients in the forward and hands them "
+                               "over once; run the forward again for a second backward")
+        grads, ctx.grads = ctx.grads, None
+        out = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype)
+                    for g, dtype in zip(grads, ctx.dtypes))
+        return (*out, None, None, None, None, None, None)

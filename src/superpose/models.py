@@ -9,12 +9,18 @@ the same, seed-determined distribution regardless of the transformers version.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import transformers
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     LlamaConfig,
     PretrainedConfig,
@@ -22,10 +28,25 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.utils import ModelOutput
 
 from superpose.errors import SuperposeError
 
 _HAS_SMOLLM3 = hasattr(transformers, "SmolLM3Config")
+
+CAUSAL_SDPA = "sdpa_causal"
+"""transformers' SDPA attention under a name its mask builder does not know, so it builds no mask (see below)."""
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def use_causal_sdpa(model: PreTrainedModel) -> None:
+    """Attend causally with no mask at all, for training on full, unpadded windows (never for padded batches).
+
+    With ``sdpa`` transformers inspects ``position_ids`` for packed sequences on every forward, a host-device sync;
+    under this name it skips mask building, and SDPA runs with ``is_causal=True``: the same logits bit for bit.
+    """
+    model.set_attn_implementation(CAUSAL_SDPA)
 
 
 @dataclass(frozen=True)
@@ -53,8 +74,30 @@ class Preset:
 
     @property
     def resolved_head_dim(self) -> int:
-        """Per-head width; explicit for shapes whose attention width differs from hidden_size."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return resolve_head_dim(self)
+
+
+def resolve_head_dim(shape: Preset | PretrainedConfig) -> int:
+    """Per-head width of a preset or a transformers config: explicit for shapes whose attention width differs from
+    hidden_size, else hidden_size / heads."""
+    return getattr(shape, "head_dim", None) or shape.hidden_size // shape.num_attention_heads
+
+
+def attention_parameters(shape: Preset | PretrainedConfig) -> int:
+    """Q, K, V and O projection weights of one layer (no biases), from a preset or a transformers config."""
+    d, hd = shape.hidden_size, resolve_head_dim(shape)
+    q_width, kv_width = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    return 2 * d * q_width + 2 * d * kv_width
+
+
+def mlp_parameters(shape: Preset | PretrainedConfig, sparse: bool) -> tuple[int, int]:
+    """(total, active) weights of one layer's SwiGLU MLP, or of its routed experts plus router when ``sparse``."""
+    d = shape.hidden_size
+    if not sparse:
+        return (3 * d * shape.intermediate_size,) * 2
+    expert = 3 * d * shape.moe_intermediate_size  # gate, up, down
+    router = d * shape.num_experts
+    return shape.num_experts * expert + router, shape.num_experts_per_tok * expert + router
 
 
 # Fields a caller may override (width/depth studies); identity and vocabulary are set elsewhere.
@@ -260,6 +303,8 @@ def model_config(preset: str, vocab_size: int | None = None, **overrides: object
             norm_topk_prob=True,
             output_router_logits=True,  # so forward() returns aux_loss for the trainer to add
             router_aux_loss_coef=p.router_aux_loss_coef,
+            # all experts in one grouped matmul, no host syncs; an error, not the per-expert loop, where unavailable
+            experts_implementation="grouped_mm",
         )
     if p.family == "smollm3":
         return transformers.SmolLM3Config(**common, mlp_bias=False)
@@ -275,19 +320,43 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     **overrides: object,
 ) -> PreTrainedModel:
-    """Instantiate a causal LM with our seeded init; `device="meta"` gives a weightless shell for counting."""
+    """Instantiate a causal LM with our seeded init; ``device="meta"`` gives a weightless shell.
+
+    The model is always built on the meta device first and then materialised, so a distributed trainer can shard
+    the shell before any weight exists and call :func:`materialize` itself.
+    """
     if isinstance(preset_or_config, PretrainedConfig):
         if vocab_size is not None or overrides:
             raise SuperposeError("vocab_size and shape overrides apply to preset names, not to a config")
         config = preset_or_config
     else:
         config = model_config(preset_or_config, vocab_size, **overrides)
-    device = torch.device(device)
-    with torch.device(device):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    device = torch.device(device)
     if device.type != "meta":
-        init_weights(model, seed)
+        materialize(model, device, seed)
     return model
+
+
+@torch.no_grad()
+def materialize(model: PreTrainedModel, device: torch.device, seed: int | None) -> None:
+    """Give a meta-built model (plain or already sharded by FSDP2) real storage on ``device``.
+
+    Each rank allocates only its shard; buffers (rotary frequencies) are recomputed from the config; ``seed`` draws
+    the weights with :func:`init_weights`, ``None`` leaves them uninitialised for a checkpoint to fill.
+    """
+    model.to_empty(device=device)
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        model.tie_weights()  # to_empty gives each module its own tensor; FSDP2 keeps a shared parameter shared
+    for module in model.modules():
+        own = dict(module.named_buffers(recurse=False))
+        if own:  # only rotary embeddings hold buffers in these families: rebuild them from the config
+            fresh = dict(type(module)(model.config).named_buffers(recurse=False))
+            for name, buffer in own.items():
+                buffer.copy_(fresh[name])
+    if seed is not None:
+        init_weights(model, seed)
 
 
 def _is_output_projection(name: str) -> bool:
@@ -297,16 +366,45 @@ def _is_output_projection(name: str) -> bool:
     return leaf in ("o_proj", "down_proj")
 
 
+_BLOCK_ELEMENTS = 1 << 20
+"""Values drawn from one generator: parameters are drawn in blocks of whole rows, so a shard draws only its rows."""
+
+
+def _block_generator(seed: int, name: str, block: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of the full parameter held here: all of them, or this rank's FSDP2 shard."""
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if any(offset[1:]) or tuple(shape[1:]) != tuple(param.shape[1:]):
+        raise AssertionError(f"only row (dim-0) sharding is supported, got {param.placements}")
+    return offset[0], offset[0] + shape[0]
+
+
+def _row_blocks(shape: torch.Size, start: int, stop: int, std: float, seed: int,
+                name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """Rows ``[start, stop)`` of a N(0, std) tensor of ``shape`` as ``(first row, values)`` pieces of at most one
+    block: the values are the same whichever rows a caller asks for, and only one block is held at a time."""
+    per_block = max(1, _BLOCK_ELEMENTS // max(math.prod(shape[1:]), 1))
+    for block in range(start // per_block, -(-stop // per_block) if stop > start else 0):
+        lo, hi = block * per_block, min((block + 1) * per_block, shape[0])
+        values = torch.empty((hi - lo, *shape[1:])).normal_(0.0, std, generator=_block_generator(seed, name, block))
+        yield max(start, lo), values[max(start, lo) - lo:min(stop, hi) - lo]
+
+
 @torch.no_grad()
 def init_weights(model: PreTrainedModel, seed: int, std: float = 0.02) -> None:
-    """Seeded GPT-2-style init, drawn on the CPU from a private generator.
+    """Seeded GPT-2-style init, drawn on the CPU in float32 from private generators, one per block of rows.
 
-    Drawing on the CPU in float32 makes the weights identical whatever the device or dtype the model
-    lives on, and the private generator keeps the result independent of (and invisible to) the
-    global RNG. Residual-stream writers are scaled by 1/sqrt(2 * num_layers) so the residual variance
-    does not grow with depth. Tied weights appear once in `named_parameters()` and are drawn once.
+    A parameter's values depend only on the seed, its name and the row, so a rank holding an FSDP2 shard draws just
+    its rows and gets exactly what a single process draws for them; the device, dtype and global RNG play no part.
+    Residual-stream writers are scaled by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
+    Tied weights appear once in `named_parameters()` and are drawn once.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     out_std = std / math.sqrt(2 * model.config.num_hidden_layers)
     for name, param in model.named_parameters():
         if name.endswith("bias"):
@@ -314,9 +412,26 @@ def init_weights(model: PreTrainedModel, seed: int, std: float = 0.02) -> None:
         elif param.ndim == 1:  # RMSNorm gains (layer, final, qk-norm)
             param.fill_(1.0)
         else:  # embeddings, linear layers, fused expert tensors, routers
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start, stop = _local_rows(param)
             scale = out_std if _is_output_projection(name) else std
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            param.copy_(values)
+            for row, values in _row_blocks(param.shape, start, stop, scale, seed, name):
+                local[row - start:row - start + values.shape[0]].copy_(values)
+
+
+def router_aux_loss(lm: PreTrainedModel, outputs: ModelOutput) -> torch.Tensor | None:
+    """The MoE load-balancing loss (unweighted) of a forward's outputs, as the model family defines it; None if dense.
+
+    A causal LM's own outputs carry it (``aux_loss``); a backbone's carry only ``router_logits``, scored here with
+    the load-balancing function of the model's own modeling module (Qwen3-MoE, Mixtral, OLMoE, ... each have one).
+    """
+    if getattr(outputs, "aux_loss", None) is not None:
+        return outputs.aux_loss
+    logits = getattr(outputs, "router_logits", None)
+    if not logits:
+        return None
+    loss_fn = sys.modules[type(lm).__module__].load_balancing_loss_func
+    return loss_fn(logits, lm.config.num_experts, lm.config.num_experts_per_tok, None)
 
 
 def _expert_parameter_numel(model: PreTrainedModel) -> int:
@@ -344,19 +459,12 @@ def expected_parameter_counts(
 ) -> tuple[int, int]:
     """(total, active) from the shape alone, independent of transformers, to catch config mistakes."""
     p = get_preset(preset, vocab_size, **overrides)
-    d, hd, layers = p.hidden_size, p.resolved_head_dim, p.num_hidden_layers
-    q_width, kv_width = p.num_attention_heads * hd, p.num_key_value_heads * hd
-    attention = d * q_width + 2 * d * kv_width + q_width * d
-    qk_norm = 2 * hd if p.family in ("qwen3", "qwen3_moe") else 0
+    d, layers = p.hidden_size, p.num_hidden_layers
+    qk_norm = 2 * p.resolved_head_dim if p.family in ("qwen3", "qwen3_moe") else 0
     layer_norms = 2 * d
-    if p.num_experts:
-        expert = 3 * d * p.moe_intermediate_size  # gate, up, down
-        router = d * p.num_experts
-        mlp_total, mlp_active = p.num_experts * expert + router, p.num_experts_per_tok * expert + router
-    else:
-        mlp_total = mlp_active = 3 * d * p.intermediate_size
+    mlp_total, mlp_active = mlp_parameters(p, sparse=p.num_experts > 0)
     embeddings = p.vocab_size * d * (1 if p.tie_word_embeddings else 2)
-    fixed = embeddings + layers * (attention + qk_norm + layer_norms) + d  # + final norm
+    fixed = embeddings + layers * (attention_parameters(p) + qk_norm + layer_norms) + d  # + final norm
     return fixed + layers * mlp_total, fixed + layers * mlp_active
 
 

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import SuperposeError
 from ..files import commit_dir, file_sha256, first_line, restore_set_aside, temp_sibling
-from .distributed import DistInfo, barrier, merge_across_ranks
+from .distributed import DistInfo, barrier, is_sharded, merge_across_ranks
 from .faults import kill_point
 from .state import TrainState
 
@@ -98,8 +98,10 @@ def save_checkpoint(
 
 def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                    info: DistInfo) -> None:
-    """Weights and optimizer state: safetensors + optimizer.pt on one process, a DCP folder (every rank) on many."""
-    if info.enabled:
+    """Weights and optimizer state: safetensors + optimizer.pt from one unsharded process, else a DCP folder that
+    every rank writes its shards into (FSDP2 on one GPU shards too)."""
+    sharded = info.enabled or is_sharded(model)
+    if sharded:
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -107,7 +109,7 @@ def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     else:
         save_model(model, str(tmp / "model.safetensors"))
     kill_point("checkpoint", step)
-    if not info.enabled:
+    if not sharded:
         torch.save(get_optimizer_state_dict(model, optimizer), tmp / "optimizer.pt")
     barrier(info)
 

@@ -158,7 +158,8 @@ class TrainConfig:
     dtype: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
     compile: bool = False
-    """torch.compile each transformer block (blocks see L positions in every phase, so they compile once)."""
+    """torch.compile each transformer block (blocks see L positions in every phase, so they compile once), and the
+    fused loss's per-chunk function when loss_chunk > 0."""
     parallel: str = "fsdp"
     """Under torchrun: fsdp (FSDP2 fully_shard per block, bf16 params on CUDA) or ddp."""
     activation_checkpointing: bool = False
@@ -171,18 +172,26 @@ class TrainConfig:
     """A non-finite loss or gradient: skip the update (logged, counted) or stop with a checkpoint of the last good state."""
     max_skips: int = 5
     """Stop after this many consecutive skipped updates."""
+    replicas: int = 1
+    """Under torchrun with fsdp: HSDP with this many replica groups (e.g. nodes), each sharding the model; 1 = FSDP."""
+    eval_micro_batch_size: int = 0
+    """Sequences per no-grad validation forward on each rank; 0 = twice micro_batch_size (no activations are kept)."""
+    profile_steps: int = 0
+    """Trace this many steps (after one warm-up step) with torch.profiler into the run folder's profile/; 0 = off."""
 
     def validate(self, world_size: int) -> None:
-        for key in ("steps", "batch_size", "seq_len", "log_every", "max_skips"):
+        for key in ("steps", "batch_size", "seq_len", "log_every", "max_skips", "replicas"):
             _require(getattr(self, key) >= 1, f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        _require(self.micro_batch_size >= 0, f"train.micro_batch_size: must be >= 0, got {self.micro_batch_size}")
+        for key in ("micro_batch_size", "eval_micro_batch_size", "profile_steps", "loss_chunk"):
+            _require(getattr(self, key) >= 0, f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        _require(world_size % self.replicas == 0,
+                 f"train.replicas: {self.replicas} does not divide the world size {world_size}")
         _require(self.batch_size % world_size == 0,
                  f"train.batch_size: {self.batch_size} is not divisible by the world size {world_size}")
         local = self.batch_size // world_size
         _require(local % (self.micro_batch_size or local) == 0,
                  f"train.micro_batch_size: {self.micro_batch_size} does not divide the per-rank batch {local}")
         _require(self.parallel in ("fsdp", "ddp"), f"train.parallel: must be fsdp or ddp, got {self.parallel!r}")
-        _require(self.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {self.loss_chunk}")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.dtype!r}")
         _require(self.nonfinite in ("skip", "stop"), f"train.nonfinite: must be skip or stop, got {self.nonfinite!r}")
 

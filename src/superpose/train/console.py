@@ -38,12 +38,19 @@ class Console:
                  f"{row['bag']}), train loss {previous['train_loss']:.3f} -> {row['train_loss']:.3f} "
                  f"({spike:+.3f} nat)")
 
-    def progress(self, row: dict[str, Any], logged: bool) -> None:
+    def progress_only(self, step: int) -> None:
+        """Advance the bar on a step that read nothing back (no numbers to show)."""
         if self.interactive:
+            self._bar.update(step - self._bar.n)
+
+    def progress(self, row: dict[str, Any]) -> None:
+        """A logged step: its numbers on the bar, or a plain line off a terminal."""
+        if self.interactive:
+            postfix = {"phase": row["phase"], "bag": row["bag"], "loss": f"{row['train_loss']:.3f}",
+                       "tok/s": f"{row['tokens_per_s']:.0f}"} | ({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {})
+            self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(row["step"] - self._bar.n)
-            self._bar.set_postfix({"phase": row["phase"], "bag": row["bag"], "loss": f"{row['train_loss']:.3f}",
-                                   "tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
-        elif self.progress_on and logged:
+        elif self.progress_on:
             self.say(f"step {row['step']}/{self.total}: phase {row['phase']} bag {row['bag']} "
                      f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
 

@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,17 +23,17 @@ from ..data.loader import WindowLoader, check_window, validation_windows
 from ..data.shards import TokenDataset, TokenStream, open_dataset
 from ..errors import SuperposeError, TrainingStopped
 from ..files import FolderLock, write_atomic
-from ..flops import flops_per_step
-from ..models import build_model, model_config, parameter_counts
+from ..flops import flops_per_step, mfu
+from ..models import model_config, parameter_counts
 from ..schedule import PhaseSchedule, lr_at, rewarmup_factor
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import RunConfig
 from .console import Console
-from .distributed import DistInfo, any_rank, barrier, init_distributed, shutdown, torchrun_env
+from .distributed import DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, shutdown, torchrun_env
 from .faults import StopSignals, kill_point
 from .metrics import MetricsWriter
 from .state import TrainState
-from .step import TrainModule
+from .step import Prefetcher, StepInterrupted, StepResult, TrainModule, profile_steps
 
 
 @dataclass
@@ -54,7 +54,8 @@ class RunInputs:
     data: TokenDataset
     schedule: PhaseSchedule
     train_stream: TokenStream
-    val_windows: list[torch.Tensor]
+    val_windows: torch.Tensor
+    """``[N, L+1]`` held-out windows, the same at any world size (TrainModule.eval_loss splits them over ranks)."""
 
     @classmethod
     def open(cls, cfg: RunConfig, world_size: int) -> "RunInputs":
@@ -64,8 +65,7 @@ class RunInputs:
         train_stream = data.split("train")
         for bag in sorted(set(schedule.bags())):
             check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
-        val_windows = [w for batch in validation_windows(data.split("val"), B, L, cfg.eval.batches)
-                       for w in batch.split(cfg.micro_batch_size(world_size))]  # the same at any world size
+        val_windows = torch.cat(validation_windows(data.split("val"), B, L, cfg.eval.batches))
         model_config(cfg.model.preset, data.vocab_size, **cfg.model.overrides)  # unknown preset: fail before writing
         return cls(data, schedule, train_stream, val_windows)
 
@@ -82,6 +82,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
     inputs = RunInputs.open(cfg, world)
     _find_checkpoint(cfg, resume)  # refuse bad input before the process group and the lock exist
     info, device = init_distributed(cfg.train.device)
+    if device.type == "cuda" and not info.enabled and cfg.train.parallel == "fsdp":
+        init_one_rank_group(device)  # FSDP2 on one GPU too: bf16 compute over fp32 master weights
     try:
         with ExitStack() as stack:
             refused = None
@@ -90,7 +92,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
                     stack.enter_context(FolderLock(cfg.run_dir, "run folder"))
                 except SuperposeError as e:
                     refused = e
-            if any_rank(refused is not None, info, device):
+            if any_rank(refused is not None, info):
                 raise refused or SuperposeError(f"run folder {cfg.run_dir} is in use by another process")
             checkpoint = _find_checkpoint(cfg, resume)  # again, now that no other writer can add one
             trainer = Trainer(cfg, inputs, checkpoint, info, device, progress)
@@ -117,7 +119,7 @@ def _find_checkpoint(cfg: RunConfig, resume: bool | str | Path) -> Path | None:
 class Evaluator:
     """Validation loss on the fixed held-out windows: every ``eval.every`` steps and always after the last step."""
 
-    def __init__(self, module: TrainModule, windows: list[torch.Tensor], every: int, total: int):
+    def __init__(self, module: TrainModule, windows: torch.Tensor, every: int, total: int):
         self.module, self.windows, self.every, self.total = module, windows, every, total
         self.last = math.nan
 
@@ -131,31 +133,46 @@ class Evaluator:
 
 
 class NonFinitePolicy:
-    """What a skipped update (non-finite loss or gradient) leads to: carry on, or stop after a checkpoint."""
+    """What skipped updates (non-finite loss or gradient) lead to: carry on, or stop after a checkpoint.
 
-    def __init__(self, policy: str, max_skips: int, state: TrainState):
+    The optimizer skips a bad update on the device; the counts are kept there too and read back only on logged
+    steps (``sync``), so a "stop" takes effect at the first logged step after the bad one (every step at
+    ``train.log_every = 1``). The weights are the last good ones either way: no bad update ever lands.
+    """
+
+    def __init__(self, policy: str, max_skips: int, state: TrainState, device: torch.device):
         self.policy, self.max_skips, self.state = policy, max_skips, state
+        self._in_row = torch.tensor(state.skipped_in_row, device=device)
+        self._skipped = torch.tensor(state.skipped, device=device)
+        self._skipped_at_sync = state.skipped
 
-    def record(self, finite: bool) -> None:
-        self.state.skipped_in_row = 0 if finite else self.state.skipped_in_row + 1
-        self.state.skipped += not finite
+    def record(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self._in_row = (self._in_row + 1) * bad
+        self._skipped = self._skipped + bad
 
-    def must_stop(self, finite: bool) -> bool:
-        return not finite and (self.policy == "stop" or self.state.skipped_in_row >= self.max_skips)
+    def sync(self) -> None:
+        """Read the counts back into the train state (a host-device sync: logged steps only)."""
+        self.state.skipped_in_row, self.state.skipped = int(self._in_row), int(self._skipped)
+
+    def must_stop(self) -> bool:
+        new, self._skipped_at_sync = self.state.skipped > self._skipped_at_sync, self.state.skipped
+        return (self.policy == "stop" and new) or self.state.skipped_in_row >= self.max_skips
 
     def reason(self, done: int) -> str:
-        return (f"non-finite loss or gradient at step {done} ({self.state.skipped_in_row} in a row, policy "
-                f"{self.policy})")
+        return (f"non-finite loss or gradient by step {done} ({self.state.skipped_in_row} in a row, "
+                f"{self.state.skipped} in all, policy {self.policy})")
 
 
 class StopRequest:
-    """SIGTERM/SIGINT turned into a stop after the current step, agreed by every rank (one all-reduce per step)."""
+    """SIGTERM/SIGINT turned into a stop, agreed by every rank over the host network (no device sync): asked after
+    every step and between micro-batches, so a long step can be abandoned for a prompt checkpoint."""
 
-    def __init__(self, signals: StopSignals, info: DistInfo, device: torch.device):
-        self.signals, self.info, self.device = signals, info, device
+    def __init__(self, signals: StopSignals, info: DistInfo):
+        self.signals, self.info = signals, info
 
     def requested(self) -> bool:
-        return any_rank(self.signals.received is not None, self.info, self.device)
+        return any_rank(self.signals.received is not None, self.info)
 
     @property
     def name(self) -> str:
@@ -177,9 +194,19 @@ class CheckpointCadence:
         return None
 
 
-def _host(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metric values as plain numbers (tensors are read back here, only on the steps that log them)."""
-    return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+class Throughput:
+    """Step time and tokens/s over the steps since the last logged one: only a logged step waits for the device,
+    so only there does wall time measure the device's work."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        self._mark = (time.perf_counter(), state.step, state.text_tokens)
+
+    def since_last(self) -> tuple[float, int, int]:
+        """Seconds, steps and text tokens since the previous call (or the start)."""
+        t, step, tokens = self._mark
+        self._mark = (time.perf_counter(), self.state.step, self.state.text_tokens)
+        return self._mark[0] - t, self.state.step - step, self.state.text_tokens - tokens
 
 
 class Trainer:
@@ -189,12 +216,10 @@ class Trainer:
                  device: torch.device, progress: bool):
         self.cfg, self.inputs, self.info, self.device = cfg, inputs, info, device
         self.schedule = inputs.schedule
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model.preset, inputs.data.vocab_size, seed=cfg.seed, device=device,
-                                 **cfg.model.overrides)
+        self.module = TrainModule(cfg, inputs.data.vocab_size, device, info, init=checkpoint is None)
+        self.model = self.module.model
         self.step_flops = flops_per_step(self.model.config, cfg.train.batch_size, cfg.train.seq_len)
         self.parameters = parameter_counts(self.model)
-        self.module = TrainModule(self.model, cfg, device, info)
         local = cfg.local_batch_size(info.world_size)
         self.loader = WindowLoader(inputs.train_stream, cfg.train.batch_size, cfg.seed,
                                    lanes=range(info.rank * local, (info.rank + 1) * local))
@@ -204,49 +229,39 @@ class Trainer:
             saved = load_checkpoint(checkpoint, self.model, self.module.optimizer, info)
             self.state = TrainState.from_state_dict(saved, f"checkpoint {checkpoint}")
             self.loader.load_state_dict(self.state.loader)
+        self.batches = Prefetcher(self.loader, device)
         self.console = Console(cfg.name, cfg.train.steps, self.state.step, progress, info.is_main)
         self.evaluator = Evaluator(self.module, inputs.val_windows, cfg.eval.every, cfg.train.steps)
-        self.policy = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, self.state)
+        self.policy = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, self.state, device)
         self.cadence = CheckpointCadence(cfg.checkpoint.every, set(self.schedule.switch_steps()), cfg.train.steps)
+        self.throughput = Throughput(self.state)
         self.config_files = {"config.toml": cfg.to_toml(), "config.json": self.model.config.to_json_string()}
+        self._wall0 = time.perf_counter() - self.state.wall_time
 
     def fit(self) -> RunResult:
+        """Train from the current step to the end, or until a stop request (then with a checkpoint)."""
         cfg, state = self.cfg, self.state
         self._write_run_files()
         writer = MetricsWriter(cfg.run_dir, resume_step=state.step if self.resumed else None, log=cfg.log,
                                config=cfg.to_dict()) if self.info.is_main else None
-        wall0 = time.perf_counter() - state.wall_time
         stopped = None
         try:
-            with StopSignals() as signals:
-                stop = StopRequest(signals, self.info, self.device)
+            with StopSignals() as signals, profile_steps(cfg.train.profile_steps, cfg.run_dir / "profile") as tick:
+                stop = StopRequest(signals, self.info)
                 for step in range(state.step, cfg.train.steps):
-                    bag, lr = self.schedule.bag_at(step), self._lr(step)
-                    t0, epoch = time.perf_counter(), self.loader.epoch
-                    window = self.loader.next_batch(method.window_length(cfg.train.seq_len, bag, cfg.tst.mode))
-                    metrics = _host(self.module.train_step(window, bag, lr))
-                    finite = metrics.pop("finite")
-                    state.advance(cfg.train.batch_size * window.shape[1], self.step_flops, time.perf_counter() - wall0)
-                    self.policy.record(finite)
-                    state.loader = self.loader.state_dict()
-                    row = self._row(step, bag, lr, metrics, window.shape[1], time.perf_counter() - t0, finite)
-                    done = state.step
-                    if self.evaluator.due(done, finite):
-                        row["val_loss"] = self.evaluator()
-                    self._report(row, epoch, writer)
-                    kill_point("step", done)
-                    if self.policy.must_stop(finite):
-                        path = self._snapshot(keep_always=True)
-                        raise TrainingStopped(f"{self.policy.reason(done)}; the last good weights are in {path}")
-                    stopping = stop.requested()
-                    kind = self.cadence.kind(done, stopping)
+                    finished = self._train_one(step, stop.requested, writer)
+                    tick()
+                    stopping = not finished or stop.requested()
+                    kind = self.cadence.kind(state.step, stopping) if finished else None
                     if kind is not None:
                         self._snapshot(keep_always=kind == "keep")
-                    if stopping and done < cfg.train.steps:
+                    if stopping and state.step < cfg.train.steps:
                         stopped = stop.name
-                        self.console.say(f"{stopped}: stopped after step {done} with a checkpoint; continue with --resume")
+                        self.console.say(f"{stopped}: stopped after step {state.step} with a checkpoint; "
+                                         f"continue with --resume")
                         break
         finally:
+            self.batches.close()
             self.console.close()
             if writer is not None:
                 writer.close()
@@ -254,44 +269,95 @@ class Trainer:
             self.evaluator()
         return RunResult(cfg.run_dir, state.step, self.evaluator.last, state.text_tokens, state.wall_time, stopped)
 
+    def _train_one(self, step: int, should_stop: Callable[[], bool], writer: MetricsWriter | None) -> bool:
+        """Train optimizer step ``step``: read, step, account; on logged steps read back, evaluate and report.
+
+        Returns False when a stop request arrived between micro-batches: the step was abandoned with weights and
+        optimizer untouched, and the checkpoint of the step before (loader position before this batch) is written.
+        """
+        cfg, state = self.cfg, self.state
+        bag, lr, before, epoch = self.schedule.bag_at(step), self._lr(step), self.batches.state_dict(), self.batches.epoch
+        window = self.batches.get(self._window_len(step), self._window_len(step + 1))
+        try:
+            result = self.module.train_step(window, bag, lr, should_stop=should_stop)
+        except StepInterrupted:
+            state.loader = before
+            self._snapshot(keep_always=False)
+            return False
+        state.advance(cfg.train.batch_size * window.shape[1], self.step_flops, time.perf_counter() - self._wall0)
+        state.loader = self.batches.state_dict()
+        self.policy.record(result.finite)
+        if not self._is_logged(state.step):
+            self.console.progress_only(state.step)
+            kill_point("step", state.step)
+            return True
+        row = self._row(step, bag, lr, result)
+        if self.evaluator.due(state.step, "skipped" not in row):
+            row["val_loss"] = self.evaluator()
+        self._report(row, epoch, writer)
+        kill_point("step", state.step)
+        if self.policy.must_stop():
+            path = self._snapshot(keep_always=True)
+            raise TrainingStopped(f"{self.policy.reason(state.step)}; the last good weights are in {path}")
+        return True
+
+    def _window_len(self, step: int) -> int | None:
+        """Tokens per row that step ``step`` reads; None past the last step (nothing to read ahead)."""
+        if step >= self.cfg.train.steps:
+            return None
+        return method.window_length(self.cfg.train.seq_len, self.schedule.bag_at(step), self.cfg.tst.mode)
+
+    def _is_logged(self, done: int) -> bool:
+        """Steps that read numbers back from the device: log, eval, checkpoint, switch and last steps."""
+        c = self.cfg
+        return (done % c.train.log_every == 0 or done == c.train.steps or done in self.cadence.switches
+                or done - 1 in self.cadence.switches or (c.eval.every > 0 and done % c.eval.every == 0)
+                or (c.checkpoint.every > 0 and done % c.checkpoint.every == 0))
+
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
         return lr_at(step, self.cfg.train.steps, peak=o.lr, schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
                      decay_fraction=o.decay_fraction, min_ratio=o.min_lr_ratio) * rewarmup_factor(
             step, self.schedule.switch_steps(), self.cfg.tst.rewarmup_steps)
 
-    def _row(self, step: int, bag: int, lr: float, metrics: dict[str, Any], window_len: int, dt: float,
-             finite: bool) -> dict[str, Any]:
-        """The metrics row of the step just trained (what metrics.jsonl, TensorBoard and W&B receive)."""
-        s, B = self.state, self.cfg.train.batch_size
+    def _row(self, step: int, bag: int, lr: float, result: StepResult) -> dict[str, Any]:
+        """The metrics row of the step just trained (what metrics.jsonl, TensorBoard and W&B receive): the one
+        place a step's numbers are read back from the device."""
+        metrics = result.to_host()
+        finite = bool(metrics.pop("finite"))
+        self.policy.sync()
+        seconds, steps, tokens = self.throughput.since_last()
+        s, cfg = self.state, self.cfg
         row = {"step": s.step, "phase": self.schedule.stage_at(step) + 1, "bag": bag, "lr": lr,
                "train_loss": metrics.pop("loss"), **metrics, "text_tokens": s.text_tokens, "flops": s.flops,
-               "wall_time": s.wall_time, "step_time": dt, "tokens_per_s": B * window_len / dt,
-               "positions_per_s": B * self.cfg.train.seq_len / dt, "epoch": self.loader.epoch}
+               "wall_time": s.wall_time, "step_time": seconds / steps, "tokens_per_s": tokens / seconds,
+               "positions_per_s": cfg.train.batch_size * cfg.train.seq_len * steps / seconds,
+               "epoch": self.batches.epoch}
         if self.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            utilisation = mfu(self.step_flops * steps, seconds, torch.cuda.get_device_name(self.device),
+                              devices=self.info.world_size)
+            if utilisation is not None:
+                row["mfu"] = utilisation
         if not finite:
             row.update(skipped=1, skipped_total=s.skipped)
         return row
 
     def _report(self, row: dict[str, Any], epoch_before: int, writer: MetricsWriter | None) -> None:
-        """Write the row on log steps (and on eval, switch, skipped and last steps); tell the user what changed."""
-        done, total = row["step"], self.cfg.train.steps
-        switches = set(self.schedule.switch_steps())
+        """Write the row and tell the user what changed: a skipped update, a new epoch, a validation, a switch."""
+        done = row["step"]
         if "skipped" in row:
             self.console.say(f"step {done}: non-finite loss or gradient, update skipped "
                              f"({self.state.skipped_in_row} in a row)")
-        if self.loader.epoch != epoch_before:
+        if row["epoch"] != epoch_before:
             self.console.say(f"step {done}: epoch {epoch_before} of the training data complete, starting epoch "
-                             f"{self.loader.epoch}")
+                             f"{row['epoch']}")
         if "val_loss" in row:
             self.console.say(f"step {done}: validation loss {row['val_loss']:.4f}")
-        self.console.phase_change(row, switches)
-        logged = (done % self.cfg.train.log_every == 0 or "val_loss" in row or "skipped" in row or done in switches
-                  or done == total)
-        if writer is not None and logged:
+        self.console.phase_change(row, self.cadence.switches)
+        if writer is not None:
             writer.write(row)
-        self.console.progress(row, logged)
+        self.console.progress(row)
 
     def _snapshot(self, keep_always: bool) -> Path:
         done = self.state.step

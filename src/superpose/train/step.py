@@ -3,25 +3,35 @@
 The loop hands this module token windows and a bag size; it never sees the schedule, the data or the disk.
 ``LMObjective`` puts the model and the TST objective in one module, so a distributed wrapper (FSDP2, DDP) sees the
 bag mean and the loss inside its forward, and the same code runs on one process or many.
+
+Nothing in a step reads a value back to the host: the step returns device tensors (:class:`StepResult`), a
+non-finite update is skipped by the fused optimizer itself, and MoE expert load is counted on the device. The loop
+reads values (one sync) on the steps it logs. :class:`Prefetcher` reads the next batch while a step runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from .. import method
 from ..losses import chunked_multi_hot_cross_entropy
+from ..models import build_model, materialize, router_aux_loss, use_causal_sdpa
 from .config import RunConfig
 from .distributed import (
     DistInfo,
+    accumulation_context,
     apply_parallelism,
     decoder_layers,
-    mean_across_ranks,
-    set_gradient_sync,
+    shards,
+    sum_across_ranks,
 )
 
 
@@ -35,16 +45,30 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Share of routed token slots each expert received, per layer: ``[layers, experts]`` (uniform = 1/experts)."""
+    """Share of routed token slots each expert received, per layer: ``[layers, experts]`` (uniform = 1/experts).
+
+    Counted with ``scatter_add`` into a fixed-size tensor, so no data-dependent shape and no host sync (``bincount``
+    must read its maximum back to size its output).
+    """
     loads = []
     for logits in router_logits:
         chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)
-        loads.append(torch.bincount(chosen, minlength=logits.shape[-1]).float() / chosen.numel())
+        counts = torch.zeros(logits.shape[-1], device=logits.device).scatter_add_(
+            0, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        loads.append(counts / chosen.numel())
     return torch.stack(loads)
 
 
+class Objective(NamedTuple):
+    """One micro-batch's objective: the TST loss, and for MoE models the router loss and expert load."""
+
+    loss: torch.Tensor
+    aux: torch.Tensor | None = None
+    load: torch.Tensor | None = None
+
+
 class LMObjective(torch.nn.Module):
-    """A Hugging Face causal LM under the TST objective: windows in, (loss, router aux loss, expert load) out.
+    """A Hugging Face causal LM under the TST objective: windows in, :class:`Objective` out.
 
     The backbone (``lm.model``) runs on ``L`` positions of bag means; the head and the multi-hot loss follow, either
     on full logits or fused and chunked (``loss_chunk``) so ``[B*L, V]`` logits are never held at once.
@@ -55,9 +79,10 @@ class LMObjective(torch.nn.Module):
         self.lm = lm
         self.tst = cfg.tst
         self.loss_chunk = cfg.train.loss_chunk
+        self.compile_loss = cfg.train.compile
         self.num_experts = int(getattr(lm.config, "num_experts", 0) or 0)
 
-    def forward(self, window: torch.Tensor, bag: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
         input_ids, targets = method.split_window(window, bag, mode)
         x = method.embed_inputs(self.lm.get_input_embeddings(), input_ids, bag, mode, self.tst.rescale_mean)
         extra = {"output_router_logits": True} if self.num_experts else {}
@@ -66,109 +91,223 @@ class LMObjective(torch.nn.Module):
         if self.loss_chunk:
             head = self.lm.get_output_embeddings()
             loss = chunked_multi_hot_cross_entropy(out.last_hidden_state, head.weight, targets,
-                                                   chunk_size=self.loss_chunk, weights=w, bias=head.bias)
+                                                   chunk_size=self.loss_chunk, weights=w, bias=head.bias,
+                                                   compiled=self.compile_loss)
         else:
             loss = method.multi_hot_cross_entropy(self.lm.get_output_embeddings()(out.last_hidden_state), targets,
                                                   weights=w)
         if not self.num_experts:
-            return loss, None, None
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
-            load_balancing_loss_func,
-        )
-
-        top_k = self.lm.config.num_experts_per_tok
-        aux = load_balancing_loss_func(out.router_logits, self.num_experts, top_k, None)
+            return Objective(loss)
         with torch.no_grad():
-            load = expert_load(out.router_logits, top_k)
-        return loss, aux, load
+            load = expert_load(out.router_logits, self.lm.config.num_experts_per_tok)
+        return Objective(loss, router_aux_loss(self.lm, out), load)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers as device tensors, so a step never waits for the device.
+
+    ``loss``: mean objective over the global batch (all ranks); ``grad_norm``: global norm before clipping;
+    ``finite``: whether the update was applied (a non-finite loss or gradient norm skips it, on every rank alike);
+    MoE models add the router loss and ``expert_load`` ``[layers, experts]`` (share of routed slots, all ranks).
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+
+    def to_host(self) -> dict[str, float]:
+        """The metrics row's values, read back in one transfer: call it on the steps that log, not on every step.
+
+        ``finite`` comes back as 1.0/0.0; MoE rows add ``aux_loss``, ``expert_load_max`` (mean over layers of the
+        busiest expert's load relative to uniform) and ``expert_load_cv`` (coefficient of variation over experts).
+        """
+        named = {"loss": self.loss, "grad_norm": self.grad_norm, "finite": self.finite.float()}
+        if self.expert_load is not None:
+            load = self.expert_load
+            named |= {"aux_loss": self.aux_loss, "expert_load_max": (load.max(-1).values * load.shape[-1]).mean(),
+                      "expert_load_cv": (load.std(-1) / load.mean(-1)).mean()}
+        values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
+        return dict(zip(named, values))
+
+
+class StepInterrupted(Exception):
+    """``should_stop`` asked to stop between micro-batches: the step was abandoned, weights and optimizer untouched.
+
+    The run is exactly where it was before the step: save a checkpoint of the previous step (with the loader
+    position from before this step's batch) and exit.
+    """
 
 
 class TrainModule:
-    """The model, its optimizer and the TST objective: ``train_step`` and ``eval_loss`` are all the loop calls."""
+    """The model, its optimizer and the TST objective: ``train_step`` and ``eval_loss`` are all the loop calls.
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, info: DistInfo = DistInfo()):
-        self.model = model
-        self.cfg = cfg
-        self.device = device
-        self.info = info
-        use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-        if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.compile:  # per block: every block sees [B, L, d] in every phase, so it compiles once
-            for block in decoder_layers(model):
+    The model is built on the meta device, wrapped (FSDP2 shards the weightless shell), then each rank allocates
+    only its shard on ``device`` and, when ``init``, draws ``cfg.seed``'s weights for it: the same weights as a
+    single process draws. ``init=False`` (resuming) leaves the weights for the checkpoint to fill.
+    """
+
+    def __init__(self, cfg: RunConfig, vocab_size: int, device: torch.device, info: DistInfo = DistInfo(),
+                 init: bool = True):
+        self.cfg, self.device, self.info = cfg, device, info
+        train = cfg.train
+        self.model = build_model(cfg.model.preset, vocab_size, device="meta", **cfg.model.overrides)
+        use_causal_sdpa(self.model)
+        use_bf16 = train.dtype == "bf16" or (train.dtype == "auto" and device.type == "cuda")
+        if train.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.compile:  # per block: every block sees [B, L, d] in every phase, so it compiles once
+            for block in decoder_layers(self.model):
                 block.compile()
-        self.objective = apply_parallelism(LMObjective(model, cfg), model, cfg.train.parallel, info, device,
-                                           use_bf16 and info.enabled and cfg.train.parallel == "fsdp")
+        self.sharded = shards(train.parallel)
+        seed = cfg.seed if init else None
+        if not self.sharded:  # DDP and one process wrap real weights
+            materialize(self.model, device, seed)
+        self.objective = apply_parallelism(LMObjective(self.model, cfg), self.model, train.parallel, info, device,
+                                           use_bf16 and self.sharded, train.replicas)
+        if self.sharded:
+            materialize(self.model, device, seed)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            _decay_groups(model, o.weight_decay),
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            eps=o.eps,
-            fused=device.type == "cuda",
-        )
+        # fused: one kernel per step, and it skips a non-finite update on the device (``found_inf``)
+        self.optimizer = torch.optim.AdamW(_decay_groups(self.model, o.weight_decay), lr=o.lr,
+                                           betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         self._autocast = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
-        self._aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        self._aux_coef = float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
 
-    def loss(self, window: torch.Tensor, bag: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Objective on one micro-batch of windows; also returns the MoE router loss when the model has one."""
+    def loss(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
+        """Objective on one micro-batch of windows (the router loss and expert load too, for MoE models)."""
         with self._autocast():
-            loss, aux, load = self.objective(window.to(self.device), bag, mode)
-        self._load = load
-        return loss, aux
+            return self.objective(window.to(self.device, non_blocking=True), bag, mode)
 
-    def train_step(self, window: torch.Tensor, bag: int, lr: float) -> dict[str, Any]:
+    def train_step(self, window: torch.Tensor, bag: int, lr: float,
+                   should_stop: Callable[[], bool] | None = None) -> StepResult:
         """Forward/backward over micro-batches of this rank's ``window`` rows, clip, step at ``lr``.
 
         Each rank's loss is the mean over its rows; the wrappers average gradients over ranks, so with equal rows
         per rank the update is the one a single process would make on the global batch. When the loss or the
         gradient norm is not finite the update is skipped and ``finite`` is False; what to do is the loop's policy.
+        ``should_stop`` is asked between micro-batches (it must answer alike on every rank, e.g. through
+        ``distributed.any_rank``); True abandons the step and raises :class:`StepInterrupted`.
         """
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = window.split(self.cfg.micro_batch_size(self.info.world_size))
-        total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device)
+        sums = torch.zeros(2, device=self.device)  # loss, router loss: summed over micro-batches, then ranks
         loads = []
         for i, chunk in enumerate(micro):
-            set_gradient_sync(self.objective, i == len(micro) - 1)
-            loss, aux = self.loss(chunk, bag, self.cfg.tst.mode)
-            objective = loss if aux is None else loss + self._aux_coef * aux
-            (objective / len(micro)).backward()
-            total += loss.detach() / len(micro)
-            if aux is not None:
-                aux_total += aux.detach() / len(micro)
-                loads.append(self._load)
+            if i and should_stop is not None and should_stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                raise StepInterrupted(f"stopped before micro-batch {i + 1} of {len(micro)}")
+            out = self.loss(chunk, bag, self.cfg.tst.mode)
+            objective = out.loss if out.aux is None else out.loss + self._aux_coef * out.aux
+            with accumulation_context(self.objective, last=i == len(micro) - 1):
+                (objective / len(micro)).backward()
+            sums[0] += out.loss.detach()
+            if out.aux is not None:
+                sums[1] += out.aux.detach()
+                loads.append(out.load)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        total = mean_across_ranks(total, self.info)
-        finite = bool(torch.isfinite(total) and torch.isfinite(grad_norm))
-        if finite:  # a non-finite loss or gradient never reaches the weights or the optimizer state
-            self.optimizer.step()
+        shares = len(micro) * self.info.world_size
+        load = torch.stack(loads).sum(0) if loads else None
+        reduced = sum_across_ranks(sums if load is None else torch.cat([sums, load.flatten()]), self.info) / shares
+        finite = torch.isfinite(reduced[0]) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()  # the fused kernel skips the update (moments, step count too)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, Any] = {"loss": total.item(), "grad_norm": grad_norm.item(), "finite": finite}
-        if loads:
-            load = mean_across_ranks(torch.stack(loads).mean(0), self.info)  # [layers, experts]
-            metrics["aux_loss"] = mean_across_ranks(aux_total, self.info).item()
-            metrics["expert_load_max"] = (load.max(-1).values * load.shape[-1]).mean().item()
-            metrics["expert_load_cv"] = (load.std(-1) / load.mean(-1)).mean().item()
-        return metrics
+        if load is None:
+            return StepResult(reduced[0], grad_norm, finite)
+        return StepResult(reduced[0], grad_norm, finite, reduced[1], reduced[2:].view_as(load))
 
     @torch.no_grad()
-    def eval_loss(self, windows: list[torch.Tensor]) -> float:
-        """Mean next-token loss over fixed held-out windows of L+1 tokens (bag 1: plain next-token prediction).
+    def eval_loss(self, windows: torch.Tensor) -> float:
+        """Mean next-token loss over fixed held-out windows ``[N, L+1]`` (the same tensor on every rank).
 
-        Every rank evaluates the same windows (FSDP needs all ranks in each forward), so no reduction is needed.
+        Each rank scores its contiguous share of the rows in no-grad micro-batches of ``eval_micro_batch_size``;
+        the loss sums and target counts are reduced over ranks, so the result is one process's within rounding.
+        Every rank runs the same number of forwards (FSDP gathers weights in each): a rank out of rows repeats one
+        with weight zero.
         """
         self.model.eval()
-        total, count = 0.0, 0
-        for window in windows:
-            loss, _ = self.loss(window, 1, "both")
-            n = window.shape[0] * (window.shape[1] - 1)
-            total += loss.item() * n
+        per_rank = -(-windows.shape[0] // self.info.world_size)
+        mine = windows[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
+        size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.micro_batch_size(self.info.world_size)
+        total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
+        for i in range(-(-per_rank // size)):
+            chunk = mine[i * size:(i + 1) * size]
+            n = chunk.shape[0] * (chunk.shape[1] - 1)
+            total += self.loss(chunk if n else windows[:1], 1, "both").loss.double() * n
             count += n
+        total, count = sum_across_ranks(torch.stack([total, total.new_tensor(count)]), self.info).tolist()
         return total / count
+
+
+class _BatchSource(Protocol):
+    epoch: int
+
+    def next_batch(self, window_len: int) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, int]: ...
+
+
+class Prefetcher:
+    """Reads the next step's batch in a background thread while the current step runs.
+
+    The batch is read into pinned host memory (on CUDA) and copied to the device with ``non_blocking``, so neither
+    the read nor the copy stalls the step. ``state_dict()`` is the loader position after the batches handed out so
+    far (not the one read ahead), which is what a checkpoint must store.
+    """
+
+    def __init__(self, loader: _BatchSource, device: torch.device):
+        self.loader, self.device = loader, device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._ahead: tuple[int, Future[torch.Tensor]] | None = None
+        self._state = loader.state_dict()
+        self.epoch = loader.epoch
+        """The loader's epoch after the batches handed out so far (not counting the one read ahead)."""
+
+    def _read(self, window_len: int) -> torch.Tensor:
+        batch = self.loader.next_batch(window_len)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def get(self, window_len: int, next_len: int | None = None) -> torch.Tensor:
+        """This step's windows (``window_len`` tokens per row) on the device; starts reading ``next_len`` ones."""
+        if self._ahead is not None and self._ahead[0] != window_len:
+            raise ValueError(f"prefetched windows of {self._ahead[0]} tokens, asked for {window_len}")
+        batch = self._ahead[1].result() if self._ahead is not None else self._read(window_len)
+        self._state, self.epoch = self.loader.state_dict(), self.loader.epoch
+        self._ahead = None if next_len is None else (next_len, self._pool.submit(self._read, next_len))
+        return batch.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def profile_steps(steps: int, out_dir: Path) -> Iterator[Callable[[], None]]:
+    """Profile ``steps`` optimizer steps (after one warm-up) and write a Chrome/Perfetto trace into ``out_dir``.
+
+    Yields the function the loop calls once per step (``prof.step()``); ``steps = 0`` yields a no-op, so the loop
+    has one code path. The trace (``trace-rank<r>.json``, CPU and CUDA activity, shapes and memory) opens in
+    https://ui.perfetto.dev or ``chrome://tracing``.
+    """
+    if steps <= 0:
+        yield lambda: None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=lambda p: p.export_chrome_trace(str(out_dir / f"trace-rank{rank}.json")),
+                 record_shapes=True, profile_memory=True) as prof:
+        yield prof.step
