@@ -1,5 +1,6 @@
 """The command line: every bad input is one line on stderr, exit code 2, and nothing written."""
 
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ steps = 4
 batch_size = 2
 seq_len = 16
 device = "cpu"
+[optim]
+warmup_steps = 1
 [eval]
 batches = 1
 {extra}
@@ -81,10 +84,11 @@ def test_train_missing_config_and_data(tmp_path, capsys, embedded_data):
     assert "nodata" in msg
 
 
-def test_resume_without_checkpoint(tmp_path, capsys, embedded_data):
+def test_resume_from_a_missing_checkpoint(tmp_path, capsys, embedded_data):
     cfg = write_config(tmp_path, embedded_data)
-    msg = run_error(capsys, ["train", str(cfg), "--resume", "--quiet"])
-    assert "no checkpoint" in msg
+    msg = run_error(capsys, ["train", str(cfg), "--resume", str(tmp_path / "runs/cli/checkpoints/step-0000002"),
+                             "--quiet"])
+    assert "no checkpoint found" in msg
 
 
 def test_train_and_resume_from_cli(tmp_path, capsys, embedded_data):
@@ -108,8 +112,8 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("prepare", "train", "demo", "presets"):
-        assert command in out
+    listed = set(re.findall(r"^ {4}([a-z]+) +\S", out, re.M))  # each subcommand with its one-line help
+    assert listed == {"prepare", "train", "demo", "compare", "sweep", "export", "generate", "eval", "config", "presets"}
 
 
 @pytest.mark.slow
@@ -120,3 +124,19 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo/baseline/metrics.jsonl").is_file() and (tmp_path / "demo/tst/metrics.jsonl").is_file()
     # idempotent: a second call finds the finished runs and reports them again
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "12", "--quiet"]) == 0
+
+
+def test_overrides_may_follow_options(tmp_path, capsys, embedded_data):
+    cfg = write_config(tmp_path, embedded_data)
+    assert main(["train", str(cfg), "--quiet", "train.steps=2", "optim.warmup_steps=0"]) == 0
+    assert "cli: 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg), "--quiet", "--bogus"])
+    assert e.value.code == 2
+
+
+def test_a_run_folder_the_os_refuses_is_one_line(tmp_path, capsys, embedded_data):
+    cfg = write_config(tmp_path, embedded_data)
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    line = run_error(capsys, ["train", str(cfg), "--quiet"])
+    assert "runs" in line

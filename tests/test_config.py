@@ -17,22 +17,33 @@ def test_every_shipped_config_loads(path):
     assert schedule.bag_at(cfg.train.steps - 1) == 1  # every shipped recipe ends in ordinary training
 
 
-def test_shipped_configs_exist():
-    assert len(CONFIGS) >= 4
+def test_shipped_configs_cover_the_paper_scales_and_the_cpu_demo():
+    presets = {load_config(path).model.preset for path in CONFIGS}
+    assert {"tiny", "tiny-moe", "llama-270m", "llama-600m", "smollm3-3b", "qwen3-moe-10b-a1b"} <= presets
+    paper = [load_config(path) for path in CONFIGS if "8gpu" in path.name]
+    assert paper and all(cfg.tst.bag > 1 and 0 < cfg.tst.ratio < 1 for cfg in paper)  # each one is a TST recipe
 
 
 def test_toml_round_trip():
-    cfg = config_from_dict({"tst": {"schedule": [[0.1, 8], [0.3, 4], [1.0, 1]]}, "train": {"steps": 50}})
+    cfg = config_from_dict({"tst": {"schedule": [[0.1, 8], [0.3, 4], [1.0, 1]]}, "train": {"steps": 50}, "optim": {"warmup_steps": 5}})
     again = config_from_dict(tomllib.loads(cfg.to_toml()))
     assert again == cfg
     assert again.phase_schedule().switch_steps() == [5, 15]
 
 
 def test_overrides_parse_toml_values():
-    cfg = config_from_dict({}, ["tst.bag=8", "tst.ratio=0.25", "train.compile=true", "name=abc",
-                                "tst.schedule=[[10, 4], [1.0, 1]]", "optim.lr=1e-3"])
+    cfg = config_from_dict({}, ["tst.bag=8", "tst.ratio=0.25", "train.compile=true", "name=abc", "optim.lr=1e-3"])
     assert (cfg.tst.bag, cfg.tst.ratio, cfg.train.compile, cfg.name, cfg.optim.lr) == (8, 0.25, True, "abc", 1e-3)
-    assert cfg.phase_schedule().switch_steps() == [10]
+    assert cfg.phase_schedule().switch_steps() == [250]
+    staged = config_from_dict({}, ["tst.schedule=[[10, 4], [1.0, 1]]"])
+    assert staged.phase_schedule().switch_steps() == [10]
+    assert "bag" not in staged.to_dict()["tst"]  # the schedule replaces them, in the saved config too
+
+
+@pytest.mark.parametrize("given", ["tst.bag=8", "tst.ratio=0.2"])
+def test_schedule_with_bag_or_ratio_is_refused(given):
+    with pytest.raises(SuperposeError, match="tst.schedule replaces tst.bag/tst.ratio"):
+        config_from_dict({}, [given, "tst.schedule=[[10, 4], [1.0, 1]]"])
 
 
 def test_int_accepted_for_float():
@@ -56,7 +67,7 @@ def test_int_accepted_for_float():
         ({"tst": {"schedule": [[0.5, 4], [0.2, 2], [1.0, 1]]}}, [], "in order"),
         ({"tst": {"schedule": [[0.5, 4]]}}, [], "last stage"),
         ({"train": {"batch_size": 16, "micro_batch_size": 5}}, [], "does not divide"),
-        ({"optim": {"schedule": "linear"}}, [], "optim.schedule"),
+        ({"optim": {"lr_schedule": "linear"}}, [], "optim.lr_schedule"),
         ({"name": "../escape"}, [], "plain folder name"),
         ({}, ["noequals"], "key=value"),
     ],
@@ -78,7 +89,7 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_defaults_are_the_paper_recipe():
     cfg = RunConfig()
-    assert (cfg.tst.bag, cfg.tst.ratio, cfg.tst.mode, cfg.optim.schedule) == (4, 0.3, "both", "wsd")
+    assert (cfg.tst.bag, cfg.tst.ratio, cfg.tst.mode, cfg.optim.lr_schedule) == (4, 0.3, "both", "wsd")
 
 
 def test_config_reference_documents_every_key_and_is_current():
@@ -93,3 +104,34 @@ def test_config_reference_documents_every_key_and_is_current():
     assert all(line.split("|")[3].strip() for line in reference.splitlines()[2:]), "every key has a meaning"
     docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     assert reference in docs, "docs/config.md is stale: regenerate it with `superpose config`"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.eps=-1"], "optim.eps"),
+    (["optim.beta1=1.5"], "optim.beta1"),
+    (["optim.beta2=nan"], "optim.beta2"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.weight_decay=nan"], "optim.weight_decay"),
+    (["optim.weight_decay=-1"], "optim.weight_decay"),
+    (["tst.alpha=nan"], "tst.alpha"),
+    (['name="a\\u0000b"'], "name"),
+    (["model.overrides={num_attention_heads = 0}"], "model.overrides.num_attention_heads"),
+    (['model.overrides={hidden_size = "x"}'], "model.overrides.hidden_size"),
+    (["model.overrides={hidden_size = -64}"], "model.overrides.hidden_size"),
+    (["model.overrides={head_dim = 0}"], "model.overrides.head_dim"),
+    (["model.overrides={num_key_value_heads = 0}"], "model.overrides.num_key_value_heads"),
+    (["train.steps=60", "optim.warmup_steps=50"], "optim.warmup_steps: 50 does not end before the LR decay starts at step 48"),
+    (["train.steps=30", "optim.warmup_steps=50"], "optim.warmup_steps"),
+    (["train.steps=100", "optim.warmup_steps=100", "optim.lr_schedule='cosine'"], "optim.warmup_steps"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(overrides, fragment):
+    with pytest.raises(SuperposeError, match=fragment.replace(".", r"\.")):
+        config_from_dict({}, overrides)
+
+
+def test_merged_stages_keep_their_real_end():
+    from superpose.schedule import PhaseSchedule
+
+    schedule = PhaseSchedule([(0.2, 4), (0.4, 4), (1.0, 1)], 10)
+    assert [(st.until, st.bag) for st in schedule.stages] == [(4, 4), (10, 1)]
+    assert schedule.ends == [4, 10]

@@ -17,6 +17,8 @@ from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 from superpose.train.step import TrainModule
 
+from conftest import make_tiny_config
+
 
 def losses(run_dir):
     return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
@@ -50,19 +52,25 @@ def test_run_logs_phases_and_checkpoints(tiny_config):
     assert info["stages"] == [{"bag": 4, "end_step": 6}, {"bag": 1, "end_step": 12}]
 
 
+@pytest.fixture(scope="module")
+def finished_copy(embedded_data, tmp_path_factory):
+    """A finished tiny TST run (trained once per module) to cut short and resume."""
+    return train(make_tiny_config(embedded_data, tmp_path_factory.mktemp("cut"), "cut"), progress=False).run_dir
+
+
 @pytest.mark.parametrize("resume_from", ["step-0000004", "step-0000006", "step-0000008"])
-def test_resume_reproduces_uninterrupted_losses(tiny_config, resume_from):
-    full = train(tiny_config("full"), progress=False)
+def test_resume_reproduces_uninterrupted_losses(tiny_config, trained_run, finished_copy, resume_from):
+    full = trained_run("tst")  # the same config, uninterrupted
     cut = tiny_config("cut")
-    train(cut, progress=False)
+    shutil.copytree(finished_copy, cut.run_dir)
     # simulate a run killed after `resume_from`: later checkpoints and metrics never happened
     for ckpt in list_checkpoints(cut.run_dir):
         if ckpt.name > resume_from:
             shutil.rmtree(ckpt)
     resumed = train(cut, resume=True, progress=False)
-    assert losses(resumed.run_dir) == losses(full.run_dir)
-    assert resumed.final_val_loss == full.final_val_loss
-    assert resumed.text_tokens == full.text_tokens
+    assert losses(resumed.run_dir) == losses(full)
+    last = read_metrics(full / "metrics.jsonl")[-1]
+    assert (resumed.final_val_loss, resumed.text_tokens) == (last["val_loss"], last["text_tokens"])
 
 
 def test_rerun_into_existing_run_is_refused(tiny_config):
@@ -86,10 +94,10 @@ def test_bag_one_step_equals_plain_huggingface_loss(embedded_data, tiny_config):
     """The TST code path at bag 1 computes exactly the model's own next-token loss (labels=...)."""
     cfg = tiny_config(tst={"bag": 1, "ratio": 0.0})
     data = open_dataset(embedded_data)
-    model = build_model("tiny", data.vocab_size, seed=0)
     window = WindowLoader(data.split("train"), 4, 0).next_batch(method.window_length(16, 1))
-    ours, _ = TrainModule(model, cfg, torch.device("cpu")).loss(window, 1, "both")
-    logits = model(input_ids=window[:, :-1]).logits
+    module = TrainModule(cfg, data.vocab_size, torch.device("cpu"))
+    ours = module.loss(window, 1, "both").loss
+    logits = module.model(input_ids=window[:, :-1]).logits
     ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
     assert torch.equal(ours, ref)
 
@@ -104,8 +112,8 @@ def test_ablation_modes_train(tiny_config, mode):
 
 
 def test_gradient_accumulation_matches_full_batch(tiny_config):
-    a = train(tiny_config("full", train={"steps": 3}), progress=False)
-    b = train(tiny_config("accum", train={"steps": 3, "micro_batch_size": 2}), progress=False)
+    a = train(tiny_config("full", train={"steps": 3}, optim={"warmup_steps": 1}), progress=False)
+    b = train(tiny_config("accum", train={"steps": 3, "micro_batch_size": 2}, optim={"warmup_steps": 1}), progress=False)
     for (_, x), (_, y) in zip(losses(a.run_dir), losses(b.run_dir)):
         assert x == pytest.approx(y, abs=1e-5)
 

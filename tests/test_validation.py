@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,15 +48,13 @@ def test_random_configs_are_valid_or_one_line_errors(data):
         return
     schedule = cfg.phase_schedule()  # a config that validates has a usable schedule
     assert schedule.bag_at(cfg.train.steps - 1) >= 1
-    assert cfg.train.batch_size % cfg.micro_batch_size == 0
+    assert cfg.train.batch_size % cfg.micro_batch_size(1) == 0
 
 
-def test_global_batch_must_divide_by_world_size(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+def test_global_batch_must_divide_by_world_size():
     with pytest.raises(SuperposeError, match="train.batch_size: 16 is not divisible by the world size 3"):
-        config_from_dict({"train": {"batch_size": 16}})
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert config_from_dict({"train": {"batch_size": 16}}).train.batch_size == 16
+        config_from_dict({"train": {"batch_size": 16}}, world_size=3)
+    assert config_from_dict({"train": {"batch_size": 16}}, world_size=4).local_batch_size(4) == 4
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +166,51 @@ def test_corrupt_checkpoint_files_are_one_line_errors(tiny_config, damage):
     with pytest.raises(SuperposeError, match="step-0000004") as e:
         train(cfg, resume=True, progress=False)
     assert "\n" not in str(e.value)
+
+
+def _set_state(field, value):
+    def edit(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps({**state, field: value}))
+    return edit
+
+
+def _empty_optimizer(ckpt):
+    torch.save({"state": {}, "param_groups": torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]},
+               ckpt / "optimizer.pt")
+    _set_state("sha256", None)(ckpt)  # a consistent file, so only the content check can catch it
+
+
+def _flip_a_weight_bit(ckpt):
+    blob = bytearray((ckpt / "model.safetensors").read_bytes())
+    blob[-5] ^= 0x10  # inside the last tensor's data: the file still parses
+    (ckpt / "model.safetensors").write_bytes(bytes(blob))
+
+
+CHECKPOINT_DAMAGE = {
+    "state.json holds 42": (lambda c: (c / "state.json").write_text("42"), "state.json holds int"),
+    "step is text": (_set_state("step", "abc"), "field step is corrupt"),
+    "loader is null": (_set_state("loader", None), "field loader is corrupt"),
+    "wall_time is text": (_set_state("wall_time", "x"), "field wall_time is corrupt"),
+    "optimizer.pt replaced": (lambda c: torch.save([1, 2], c / "optimizer.pt"), "optimizer.pt is damaged"),
+    "optimizer.pt holds a list": (lambda c: (torch.save([1, 2], c / "optimizer.pt"), _set_state("sha256", None)(c)),
+                                  "optimizer.pt does not hold an optimizer state"),
+    "optimizer state empty": (_empty_optimizer, "the optimizer state holds no moments"),
+    "a weight bit flipped": (_flip_a_weight_bit, "model.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE, ids=list(CHECKPOINT_DAMAGE))
+def test_wrong_checkpoint_contents_are_one_line_errors_before_anything_is_rewritten(tiny_config, damage):
+    edit, fragment = CHECKPOINT_DAMAGE[damage]
+    cfg = tiny_config(train={"steps": 4}, checkpoint={"every": 2, "keep": 2})
+    train(cfg, progress=False)
+    edit(cfg.run_dir / "checkpoints/step-0000004")
+    before = {p: p.read_bytes() for p in cfg.run_dir.iterdir() if p.is_file()}
+    with pytest.raises(SuperposeError, match=re.escape(fragment)) as e:
+        train(cfg, resume=True, progress=False)
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in cfg.run_dir.iterdir() if p.is_file()} == before
 
 
 def test_bad_device_is_one_line_and_writes_nothing(tiny_config):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 
 from .errors import SuperposeError
+from .files import first_line
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -23,13 +23,15 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_command(args: argparse.Namespace) -> int:
     from .train.config import load_config
+    from .train.distributed import torchrun_env
     from .train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    job = torchrun_env()
+    cfg = load_config(args.config, args.overrides, world_size=job.world_size)
     result = train(cfg, resume=args.resume if args.resume is not None else False, progress=not args.quiet)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+    if not job.is_main:  # under torchrun, rank 0 speaks for the job
         return 128 + signal.Signals[result.stopped].value if result.stopped else 0
     if result.stopped:
         print(f"{result.run_dir}: stopped by {result.stopped} after {result.steps} steps; a checkpoint was saved, "
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from the run's newest checkpoint, or from CHECKPOINT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train_command)
 
     p = sub.add_parser("demo", help="baseline vs TST on the embedded corpus, on a CPU",
                        description="Prepare the embedded corpus (the Python standard library), train a tiny baseline "
@@ -289,14 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides follow options too (``train CFG --quiet train.steps=5``)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(build_parser(), argv)
+    args.argv = argv
     try:
         return args.func(args)
     except SuperposeError as e:
         print(f"superpose: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a read-only or full disk, a path the OS refuses: what failed, in one line
+        print(f"superpose: error: {first_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("superpose: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ replaced in one ``os.replace``. A reader (or a process killed mid-write) sees th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -43,32 +44,58 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``final``; on success it is renamed to ``final``, on any error removed.
-
-    ``replace=False`` allows only an empty ``final`` (it is removed first); ``replace=True`` sets an existing
-    ``final`` aside as ``.old-NAME`` until the new one is in place, so one complete copy exists at every moment
-    (see :func:`restore_set_aside`).
-    """
+def temp_sibling(final: Path, unique: bool = True) -> Path:
+    """A fresh empty folder beside ``final`` to build it in; ``unique=False`` gives a name every rank of a job can
+    compute (``.tmp-NAME``), replacing any leftover of a killed write."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    suffix = f"-{os.getpid()}-{secrets.token_hex(4)}" if unique else ""
+    tmp = final.parent / f".tmp-{final.name}{suffix}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Rename a completed ``tmp`` to ``final``.
+
+    ``replace=False`` allows only an empty ``final`` (removed first); ``replace=True`` sets an existing ``final``
+    aside as ``.old-NAME`` until the new one is in place, so one complete copy exists at every moment (see
+    :func:`restore_set_aside`).
+    """
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        if replace:
+            os.replace(final, old)
+        else:
+            final.rmdir()  # empty: a non-empty target is refused before any work
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final`` to fill; renamed to ``final`` on success (:func:`commit_dir`), removed
+    on any error."""
+    final = Path(final)
+    tmp = temp_sibling(final)
     try:
         yield tmp
-        old = final.parent / f".old-{final.name}"
-        if final.exists():
-            if replace:
-                os.replace(final, old)
-            else:
-                final.rmdir()  # empty: a non-empty target is refused before any work
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        commit_dir(tmp, final, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """Streaming SHA-256 of a file (constant memory, any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def restore_set_aside(folder: Path) -> None:
@@ -86,3 +113,32 @@ def restore_set_aside(folder: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(old, final)
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as one process writes it (``fcntl.flock`` on ``.lock``).
+
+    The kernel releases it when the process exits in any way, so a crash leaves no stale lock behind; a second
+    writer is refused in one line instead of interleaving its files with the first one's.
+    """
+
+    def __init__(self, folder: Path, what: str) -> None:
+        self.path = Path(folder) / ".lock"
+        self.what = what
+        self._file = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise SuperposeError(f"{self.what} {self.path.parent} is in use by another process; wait for it to "
+                                 f"finish or choose another name") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()  # closing releases the lock

@@ -57,6 +57,7 @@ class PhaseSchedule:
             end = min(end, total_steps)
             if end > start:
                 if self.stages and self.stages[-1].bag == stage.bag:
+                    self.stages[-1] = Stage(end, stage.bag)
                     self.ends[-1] = end
                 else:
                     self.stages.append(Stage(end, stage.bag))

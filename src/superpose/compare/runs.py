@@ -88,7 +88,7 @@ def variants_for(base: RunConfig, modes: Sequence[str] = ("both",), **tst: Any) 
 
 def fork_step(cfg: RunConfig, steps: int) -> int:
     """Where a baseline of ``steps`` steps leaves the constant-LR trunk: its decay start (0: no shared prefix)."""
-    if cfg.optim.schedule != "wsd":
+    if cfg.optim.lr_schedule != "wsd":
         return 0
     return wsd_decay_start(steps, cfg.optim.decay_fraction)
 
@@ -103,7 +103,7 @@ def check_warmup_fits(base: RunConfig, multiples: Sequence[float]) -> None:
     warmup = base.optim.warmup_steps
     for multiple in sorted(multiples):
         steps = member_steps(multiple, base.train.steps)
-        decay = fork_step(base, steps) if base.optim.schedule == "wsd" else steps
+        decay = fork_step(base, steps) if base.optim.lr_schedule == "wsd" else steps
         if warmup >= decay:
             raise SuperposeError(
                 f"--family {multiple:g}: a {steps}-step baseline has no room to decay its LR after the {warmup}-step "
@@ -285,7 +285,7 @@ def _preflight(base: RunConfig, variants: Sequence[Variant], seeds: int, family:
     except SuperposeError:
         raise SuperposeError(f"{base.data.path} has no validation split, and iso-loss needs validation losses; "
                              "prepare it with --val-fraction > 0") from None
-    validation_windows(val, base.micro_batch_size, base.train.seq_len, base.eval.batches)
+    validation_windows(val, base.micro_batch_size(1), base.train.seq_len, base.eval.batches)
     for variant in variants:
         cfg = derive(base, tst={**BASELINE_TST, **variant.tst})
         if max(cfg.phase_schedule().bags()) < 2:
@@ -320,7 +320,7 @@ def _setup(base: RunConfig, arms: Sequence[Arm]) -> dict[str, Any]:
         "preset": base.model.preset, "overrides": base.model.overrides, "parameters": info["parameters"],
         "active_parameters": info["active_parameters"], "vocab_size": info["vocab_size"], "device": info["device"],
         "batch_size": base.train.batch_size, "seq_len": base.train.seq_len, "steps": base.train.steps,
-        "flops_per_step": info["flops_per_step"], "lr": base.optim.lr, "lr_schedule": base.optim.schedule,
+        "flops_per_step": info["flops_per_step"], "lr": base.optim.lr, "lr_schedule": base.optim.lr_schedule,
         "warmup_steps": base.optim.warmup_steps, "decay_fraction": base.optim.decay_fraction,
         "overhead_fraction_of_run_flops": overhead,
     }

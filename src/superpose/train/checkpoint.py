@@ -14,7 +14,6 @@ Either layout loads into either kind of run: state dicts are keyed by parameter 
 from __future__ import annotations
 
 import json
-import os
 import pickle  # only for its exception type: nothing here unpickles (optimizer.pt loads with weights_only=True)
 import shutil
 import warnings
@@ -36,8 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import SuperposeError
-from .distributed import DistInfo, barrier
+from ..files import commit_dir, file_sha256, first_line, restore_set_aside, temp_sibling
+from .distributed import DistInfo, barrier, is_sharded, merge_across_ranks
 from .faults import kill_point
+from .state import TrainState
 
 PREFIX = "step-"
 FULL = StateDictOptions(full_state_dict=True)
@@ -60,67 +61,93 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-    config_toml: str,
+    config_files: dict[str, str],
     keep: int,
     info: DistInfo = DistInfo(),
 ) -> Path:
     """Write a checkpoint atomically (every rank takes part), then drop periodic ones beyond the newest ``keep``.
 
+    ``state`` goes to ``state.json`` with the SHA-256 of every weight and optimizer file added (verified on load);
     ``state["keep_always"]`` marks checkpoints (phase switches, the final one) that pruning never removes.
+    ``config_files`` (name -> text: the run config, the model's transformers config) are written beside.
     """
     folder = Path(run_dir) / "checkpoints"
     final = folder / checkpoint_name(state["step"])
     tmp = folder / f".tmp-{final.name}"
     if info.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        temp_sibling(final, unique=False)  # a name every rank computes
     barrier(info)
-    if info.enabled:
+    try:
+        _write_weights(tmp, model, optimizer, state["step"], info)
+        checksums = _checksums(tmp, info)
+        if info.is_main:
+            for name, text in config_files.items():
+                (tmp / name).write_text(text)
+            # state.json is written last: its presence marks a complete checkpoint
+            (tmp / "state.json").write_text(json.dumps({**state, "sha256": checksums}, indent=2))
+            commit_dir(tmp, final, replace=True)  # a rerun past a resumed step replaces that step's checkpoint
+            _prune(folder, keep)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full or read-only disk: nothing complete was touched
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SuperposeError(f"writing checkpoint {final.name} failed: {first_line(e)}; the last complete "
+                             f"checkpoint in {folder} is intact: free space, then continue with --resume") from None
+    barrier(info)
+    return final
+
+
+def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                   info: DistInfo) -> None:
+    """Weights and optimizer state: safetensors + optimizer.pt from one unsharded process, else a DCP folder that
+    every rank writes its shards into (FSDP2 on one GPU shards too)."""
+    sharded = info.enabled or is_sharded(model)
+    if sharded:
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     else:
         save_model(model, str(tmp / "model.safetensors"))
-    kill_point("checkpoint", state["step"])
-    if not info.enabled:
+    kill_point("checkpoint", step)
+    if not sharded:
         torch.save(get_optimizer_state_dict(model, optimizer), tmp / "optimizer.pt")
-    if info.is_main:
-        (tmp / "config.toml").write_text(config_toml)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))  # written last: its presence marks completeness
-        old = folder / f".old-{final.name}"
-        if final.exists():  # a rerun past a resumed step: set the old copy aside until the new one is in place
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
-        _prune(folder, keep)
     barrier(info)
-    return final
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a small file so a reader sees the old or the new content, never half of one."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _weight_files(path: Path) -> list[str]:
+    """The weight and optimizer files of a checkpoint, relative to it, in a fixed order."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and p.name not in ("state.json", "config.toml", "config.json"))
+
+
+def _checksums(path: Path, info: DistInfo) -> dict[str, str]:
+    """SHA-256 of every weight/optimizer file; under torchrun each rank hashes its share of the files."""
+    names = _weight_files(path)
+    return merge_across_ranks({n: file_sha256(path / n) for n in names[info.rank::info.world_size]}, info)
+
+
+def verify_checkpoint(path: Path, state: dict[str, Any], info: DistInfo = DistInfo()) -> None:
+    """Compare every file with the SHA-256 recorded when it was written and name the first damaged one.
+
+    Checkpoints written before checksums were recorded load unverified.
+    """
+    recorded = state.get("sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise SuperposeError(f"checkpoint {path}: state.json field sha256 is corrupt")
+    names = sorted(recorded)
+    bad = {n: "" for n in names[info.rank::info.world_size]
+           if not (path / n).is_file() or file_sha256(path / n) != recorded[n]}
+    bad_names = sorted(merge_across_ranks(bad, info))
+    if bad_names:
+        raise SuperposeError(f"checkpoint {path}: {bad_names[0]} is damaged (its SHA-256 differs from the one "
+                             f"recorded when it was written); resume from an earlier checkpoint")
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Clean up after a process killed while writing a checkpoint: drop half-written folders, and put back a
-    checkpoint that was set aside for replacement if its replacement never landed."""
-    folder = Path(run_dir) / "checkpoints"
-    if folder.is_dir():
-        for tmp in folder.glob(".tmp-*"):
-            shutil.rmtree(tmp)
-        for old in folder.glob(".old-*"):
-            final = folder / old.name.removeprefix(".old-")
-            if final.exists():
-                shutil.rmtree(old)
-            else:
-                os.replace(old, final)
+    """Clean up after a process killed while writing a checkpoint (see :func:`superpose.files.restore_set_aside`)."""
+    restore_set_aside(Path(run_dir) / "checkpoints")
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -150,14 +177,26 @@ def _tied_twin_loaded(model: torch.nn.Module, key: str, weights: Container[str])
 
 def _mismatch(path: Path, e: BaseException) -> SuperposeError:
     """One line for a checkpoint that cannot be loaded into this model (wrong shapes, or a corrupt file)."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return SuperposeError(f"checkpoint {path} does not match the model or is corrupt: {first}")
+    return SuperposeError(f"checkpoint {path} does not match the model or is corrupt: {first_line(e)}")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` as a table; anything else is a one-line error."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise SuperposeError(f"checkpoint {path}: state.json is corrupt") from None
+    if not isinstance(state, dict):
+        raise SuperposeError(f"checkpoint {path}: state.json holds {type(state).__name__}, not a table")
+    return state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    info: DistInfo = DistInfo()) -> dict[str, Any]:
     """Restore model (and optimizer) in place, whatever layout and world size wrote it; return the saved state.
 
-    Works on plain, DDP and FSDP2-sharded models alike. Shape mismatches and missing files are one-line errors.
+    Works on plain, DDP and FSDP2-sharded models alike. Missing or damaged files (checked against the recorded
+    SHA-256), shape mismatches and an optimizer state that does not cover the model are one-line errors.
     """
     path = resolve_checkpoint(path)
     sharded = (path / "dcp").is_dir()
@@ -167,6 +206,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     for name in needed:
         if not (path / name).is_file():
             raise SuperposeError(f"checkpoint {path} is missing {name}")
+    state = read_state(path)
+    progress = TrainState.from_state_dict(state, f"checkpoint {path}") if optimizer is not None else None
+    verify_checkpoint(path, state, info)
     try:
         if sharded:
             import torch.distributed.checkpoint as dcp
@@ -187,6 +229,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 dcp.load(content, checkpoint_id=str(path / "dcp"))
             loose = StateDictOptions(strict=False)  # keys were checked above; a tied twin fills the head
             if optimizer is not None:
+                _check_optimizer_covers(path, optim_sd, progress)
                 set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=loose)
             else:
                 set_model_state_dict(model, model_sd, options=loose)
@@ -198,17 +241,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
                                      f"unexpected {list(result.unexpected_keys)[:3]}")
             if optimizer is not None:
-                state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-                set_optimizer_state_dict(model, optimizer, state, options=FULL)
-    except (RuntimeError, ValueError, KeyError, AssertionError, SafetensorError, pickle.UnpicklingError,
-            CheckpointException) as e:
+                saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                if not isinstance(saved, dict) or not {"state", "param_groups"} <= saved.keys():
+                    raise SuperposeError(f"checkpoint {path}: optimizer.pt does not hold an optimizer state")
+                _check_optimizer_covers(path, saved, progress)
+                set_optimizer_state_dict(model, optimizer, saved, options=FULL)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, AssertionError, SafetensorError,
+            pickle.UnpicklingError, CheckpointException) as e:
         raise _mismatch(path, e) from None
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise SuperposeError(f"checkpoint {path}: state.json is corrupt") from None
-    needed_keys = ("step", "loader", "text_tokens", "flops", "wall_time") if optimizer is not None else ()
-    missing_keys = [k for k in needed_keys if k not in state]  # a resume needs them; export only the weights
-    if missing_keys:
-        raise SuperposeError(f"checkpoint {path}: state.json lacks {', '.join(missing_keys)}")
     return state
+
+
+def _check_optimizer_covers(path: Path, saved: dict[str, Any], progress: TrainState | None) -> None:
+    """After any completed update AdamW holds moments for every parameter; an empty or partial saved state would
+    load (torch fills the gaps with zeros) and resume with different updates from the next step on."""
+    if progress is None or progress.step - progress.skipped == 0:
+        return
+    names = [n for group in saved["param_groups"] for n in group["params"]]
+    if not all("exp_avg" in saved["state"].get(n, {}) for n in names):
+        updates = progress.step - progress.skipped
+        raise SuperposeError(f"checkpoint {path}: the optimizer state holds no moments for some parameters after "
+                             f"{updates} updates; it does not belong to this run or is damaged")

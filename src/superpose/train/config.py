@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,12 +19,26 @@ import tomli_w
 
 from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
-from ..schedule import PhaseSchedule, Stage, two_phase_stages
+from ..schedule import PhaseSchedule, Stage, two_phase_stages, wsd_decay_start
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SuperposeError(message)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# Shape fields of a transformers config that must be positive integers (sizes, counts, head_dim).
+def _is_size_key(key: str) -> bool:
+    return key.endswith("_size") or key.startswith("num_") or key in ("head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -33,6 +47,12 @@ class ModelConfig:
     """Named model shape (see ``superpose presets``); the vocabulary size comes from the prepared data."""
     overrides: dict = field(default_factory=dict)
     """Preset shape fields to change, e.g. ``{hidden_size = 256, intermediate_size = 768}`` (width studies)."""
+
+    def validate(self) -> None:
+        for key, value in self.overrides.items():
+            if _is_size_key(key):
+                _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                         f"model.overrides.{key}: must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -62,6 +82,15 @@ class TSTConfig:
     rescale_mean: bool = False
     """Rescale each bag mean to the mean norm of its token embeddings (averaging shrinks it); off by default."""
 
+    def validate(self) -> None:
+        _require(self.bag >= 1, f"tst.bag: must be >= 1, got {self.bag}")
+        _require(0.0 <= self.ratio <= 1.0, f"tst.ratio: must be in [0, 1], got {self.ratio}")
+        _require(self.mode in MODES, f"tst.mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _require(self.rewarmup_steps >= 0, f"tst.rewarmup_steps: must be >= 0, got {self.rewarmup_steps}")
+        _require(self.weighting in WEIGHTINGS,
+                 f"tst.weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        _require(_finite(self.alpha), f"tst.alpha: must be a finite number, got {self.alpha}")
+
     def stages(self) -> list[Stage]:
         if self.schedule:
             return [Stage(*s) for s in self.schedule]
@@ -84,16 +113,38 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
-    schedule: str = "wsd"
+    lr_schedule: str = "wsd"
     """wsd (warmup-stable-decay) or cosine, spanning the whole run across phases."""
     warmup_steps: int = 50
     """Linear warmup steps at the start of the run."""
     decay_fraction: float = 0.2
     """WSD: fraction of the run spent decaying at the end."""
 
+    def validate(self, steps: int) -> None:
+        """Ranges AdamW would only reject later, and a warmup that must end before the decay starts."""
+        _require(_finite(self.lr) and self.lr > 0, f"optim.lr: must be a finite number > 0, got {self.lr}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        _require(_finite(self.weight_decay) and self.weight_decay >= 0,
+                 f"optim.weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"optim.{key}: must be in [0, 1), got {value}")
+        _require(_finite(self.eps) and self.eps > 0, f"optim.eps: must be a finite number > 0, got {self.eps}")
+        _require(_finite(self.grad_clip) and self.grad_clip >= 0,
+                 f"optim.grad_clip: must be a finite number >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.lr_schedule in ("wsd", "cosine"),
+                 f"optim.lr_schedule: must be wsd or cosine, got {self.lr_schedule!r}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.decay_fraction <= 1.0,
+                 f"optim.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+        decay_start = wsd_decay_start(steps, self.decay_fraction) if self.lr_schedule == "wsd" else steps
+        _require(self.warmup_steps == 0 or self.warmup_steps < decay_start,
+                 f"optim.warmup_steps: {self.warmup_steps} does not end before the LR decay starts at step "
+                 f"{decay_start} of {steps}; shorten the warmup or lengthen the run")
+
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     steps: int = 1000
     """Optimizer steps, both phases together."""
     batch_size: int = 16
@@ -107,7 +158,8 @@ class TrainSection:
     dtype: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."""
     compile: bool = False
-    """torch.compile each transformer block (blocks see L positions in every phase, so they compile once)."""
+    """torch.compile each transformer block (blocks see L positions in every phase, so they compile once), and the
+    fused loss's per-chunk function when loss_chunk > 0."""
     parallel: str = "fsdp"
     """Under torchrun: fsdp (FSDP2 fully_shard per block, bf16 params on CUDA) or ddp."""
     activation_checkpointing: bool = False
@@ -120,6 +172,28 @@ class TrainSection:
     """A non-finite loss or gradient: skip the update (logged, counted) or stop with a checkpoint of the last good state."""
     max_skips: int = 5
     """Stop after this many consecutive skipped updates."""
+    replicas: int = 1
+    """Under torchrun with fsdp: HSDP with this many replica groups (e.g. nodes), each sharding the model; 1 = FSDP."""
+    eval_micro_batch_size: int = 0
+    """Sequences per no-grad validation forward on each rank; 0 = twice micro_batch_size (no activations are kept)."""
+    profile_steps: int = 0
+    """Trace this many steps (after one warm-up step) with torch.profiler into the run folder's profile/; 0 = off."""
+
+    def validate(self, world_size: int) -> None:
+        for key in ("steps", "batch_size", "seq_len", "log_every", "max_skips", "replicas"):
+            _require(getattr(self, key) >= 1, f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("micro_batch_size", "eval_micro_batch_size", "profile_steps", "loss_chunk"):
+            _require(getattr(self, key) >= 0, f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        _require(world_size % self.replicas == 0,
+                 f"train.replicas: {self.replicas} does not divide the world size {world_size}")
+        _require(self.batch_size % world_size == 0,
+                 f"train.batch_size: {self.batch_size} is not divisible by the world size {world_size}")
+        local = self.batch_size // world_size
+        _require(local % (self.micro_batch_size or local) == 0,
+                 f"train.micro_batch_size: {self.micro_batch_size} does not divide the per-rank batch {local}")
+        _require(self.parallel in ("fsdp", "ddp"), f"train.parallel: must be fsdp or ddp, got {self.parallel!r}")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.dtype!r}")
+        _require(self.nonfinite in ("skip", "stop"), f"train.nonfinite: must be skip or stop, got {self.nonfinite!r}")
 
 
 @dataclass
@@ -129,6 +203,10 @@ class EvalConfig:
     batches: int = 8
     """Fixed held-out batches (of train.batch_size windows of L+1 tokens), the same at any world size."""
 
+    def validate(self) -> None:
+        _require(self.every >= 0, f"eval.every: must be >= 0, got {self.every}")
+        _require(self.batches >= 1, f"eval.batches: must be >= 1, got {self.batches}")
+
 
 @dataclass
 class CheckpointConfig:
@@ -136,6 +214,10 @@ class CheckpointConfig:
     """Checkpoint every N steps (and at every phase switch and at the end); 0 = only those."""
     keep: int = 3
     """Periodic checkpoints kept (phase-switch and final checkpoints are always kept)."""
+
+    def validate(self) -> None:
+        _require(self.every >= 0, f"checkpoint.every: must be >= 0, got {self.every}")
+        _require(self.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -146,6 +228,10 @@ class LogConfig:
     """Also log to Weights & Biases (pip install 'superpose[wandb]'; WANDB_MODE=offline logs without a network)."""
     wandb_project: str = "superpose"
     """W&B project; the W&B run is named after the run folder and resumes with it."""
+
+    def validate(self) -> None:
+        _require(not self.wandb or importlib.util.find_spec("wandb") is not None,
+                 "log.wandb: wandb is not installed (pip install 'superpose[wandb]')")
 
 
 @dataclass
@@ -160,7 +246,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tst: TSTConfig = field(default_factory=TSTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -169,14 +255,13 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    @property
-    def local_batch_size(self) -> int:
+    def local_batch_size(self, world_size: int) -> int:
         """Sequences of the global batch that one rank trains on."""
-        return self.train.batch_size // world_size()
+        return self.train.batch_size // world_size
 
-    @property
-    def micro_batch_size(self) -> int:
-        return self.train.micro_batch_size or self.local_batch_size
+    def micro_batch_size(self, world_size: int) -> int:
+        """Sequences per forward/backward on one rank."""
+        return self.train.micro_batch_size or self.local_batch_size(world_size)
 
     def phase_schedule(self) -> PhaseSchedule:
         try:
@@ -184,62 +269,33 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise SuperposeError(f"tst: {e}") from None
 
-    def validate(self) -> "RunConfig":
-        """Check values that types cannot; raise a one-line SuperposeError naming the key."""
-        checks: list[tuple[bool, str]] = [
-            (bool(self.name) and "/" not in self.name and self.name not in (".", ".."), f"name: {self.name!r} is not a plain folder name"),
-            (self.tst.bag >= 1, f"tst.bag: must be >= 1, got {self.tst.bag}"),
-            (0.0 <= self.tst.ratio <= 1.0, f"tst.ratio: must be in [0, 1], got {self.tst.ratio}"),
-            (self.tst.mode in MODES, f"tst.mode: must be one of {', '.join(MODES)}, got {self.tst.mode!r}"),
-            (self.tst.rewarmup_steps >= 0, f"tst.rewarmup_steps: must be >= 0, got {self.tst.rewarmup_steps}"),
-            (self.tst.weighting in WEIGHTINGS, f"tst.weighting: must be one of {', '.join(WEIGHTINGS)}, got {self.tst.weighting!r}"),
-            (self.optim.lr > 0, f"optim.lr: must be > 0, got {self.optim.lr}"),
-            (0.0 <= self.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {self.optim.min_lr_ratio}"),
-            (self.optim.schedule in ("wsd", "cosine"), f"optim.schedule: must be wsd or cosine, got {self.optim.schedule!r}"),
-            (self.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {self.optim.warmup_steps}"),
-            (0.0 <= self.optim.decay_fraction <= 1.0, f"optim.decay_fraction: must be in [0, 1], got {self.optim.decay_fraction}"),
-            (self.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0, got {self.optim.grad_clip}"),
-            (self.train.steps >= 1, f"train.steps: must be >= 1, got {self.train.steps}"),
-            (self.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {self.train.batch_size}"),
-            (self.train.micro_batch_size >= 0, f"train.micro_batch_size: must be >= 0, got {self.train.micro_batch_size}"),
-            (self.train.batch_size % world_size() == 0,
-             f"train.batch_size: {self.train.batch_size} is not divisible by the world size {world_size()}"),
-            (self.local_batch_size % self.micro_batch_size == 0 if self.micro_batch_size else False,
-             f"train.micro_batch_size: {self.train.micro_batch_size} does not divide the per-rank batch "
-             f"{self.local_batch_size}"),
-            (self.train.parallel in ("fsdp", "ddp"), f"train.parallel: must be fsdp or ddp, got {self.train.parallel!r}"),
-            (self.train.loss_chunk >= 0, f"train.loss_chunk: must be >= 0, got {self.train.loss_chunk}"),
-            (self.train.seq_len >= 1, f"train.seq_len: must be >= 1, got {self.train.seq_len}"),
-            (self.train.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.train.dtype!r}"),
-            (self.train.log_every >= 1, f"train.log_every: must be >= 1, got {self.train.log_every}"),
-            (self.train.nonfinite in ("skip", "stop"), f"train.nonfinite: must be skip or stop, got {self.train.nonfinite!r}"),
-            (self.train.max_skips >= 1, f"train.max_skips: must be >= 1, got {self.train.max_skips}"),
-            (self.eval.every >= 0, f"eval.every: must be >= 0, got {self.eval.every}"),
-            (self.eval.batches >= 1, f"eval.batches: must be >= 1, got {self.eval.batches}"),
-            (self.checkpoint.every >= 0, f"checkpoint.every: must be >= 0, got {self.checkpoint.every}"),
-            (self.checkpoint.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.checkpoint.keep}"),
-        ]
-        if self.log.wandb and importlib.util.find_spec("wandb") is None:
-            checks.append((False, "log.wandb: wandb is not installed (pip install 'superpose[wandb]')"))
-        for ok, message in checks:
-            if not ok:
-                raise SuperposeError(message)
+    def validate(self, world_size: int = 1) -> "RunConfig":
+        """Check what types cannot, section by section; raise a one-line SuperposeError naming the key.
+
+        ``world_size`` is the job's process count, read once at start-up (batch sizes must divide over it).
+        """
+        _require(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
+                 f"name: {self.name!r} is not a plain folder name")
+        _require("\0" not in self.out_dir, f"out_dir: {self.out_dir!r} holds a NUL byte")
+        self.model.validate()
+        self.tst.validate()
+        self.train.validate(world_size)
+        self.optim.validate(self.train.steps)
+        self.eval.validate()
+        self.checkpoint.validate()
+        self.log.validate()
         self.phase_schedule()
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as TOML-ready tables; a multi-stage ``tst.schedule`` leaves out the bag/ratio it replaces."""
+        data = dataclasses.asdict(self)
+        if self.tst.schedule:
+            del data["tst"]["bag"], data["tst"]["ratio"]
+        return data
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
-
-
-def world_size() -> int:
-    """Processes in this job, as torchrun sets it (1 outside a distributed launch)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise SuperposeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -293,11 +349,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
-    return _from_dict(RunConfig, apply_overrides(data, list(overrides))).validate()
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), world_size: int = 1) -> RunConfig:
+    data = apply_overrides(data, list(overrides))
+    tst = data.get("tst", {})
+    if isinstance(tst, dict) and tst.get("schedule") and ("bag" in tst or "ratio" in tst):
+        raise SuperposeError("tst.schedule replaces tst.bag/tst.ratio; give one or the other")
+    return _from_dict(RunConfig, data).validate(world_size)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> RunConfig:
     """Read a TOML config, apply overrides, validate. All problems are one-line SuperposeErrors."""
     path = Path(path)
     if not path.is_file():
@@ -306,7 +366,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SuperposeError(f"{path}: not valid TOML: {e}") from None
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, world_size)
 
 
 def config_reference() -> str:

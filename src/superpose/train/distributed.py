@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,15 @@ def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def merge_across_ranks(part: dict[str, Any], info: DistInfo) -> dict[str, Any]:
+    """Union of every rank's small dict (e.g. checksums of the files each rank hashed), on every rank."""
+    if not info.enabled:
+        return part
+    parts: list[dict[str, Any]] = [{} for _ in range(info.world_size)]
+    dist.all_gather_object(parts, part, group=_host_group)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

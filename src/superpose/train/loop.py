@@ -1,39 +1,39 @@
 """The training loop: bookkeeping only. The schedule picks the bag, the loader reads the window, the TrainModule steps.
 
 Everything that can be wrong with the inputs (config, data, windows that do not fit, an existing run folder) is
-checked before the first byte is written.
+checked before the first byte is written. The parts a step goes through (evaluation, the metrics row, the
+non-finite policy, the stop request, the checkpoint cadence) are small classes below, each readable on its own;
+``Trainer.fit`` is the list of what happens in a step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import method
 from ..data.loader import WindowLoader, check_window, validation_windows
-from ..data.shards import open_dataset
+from ..data.shards import TokenDataset, TokenStream, open_dataset
 from ..errors import SuperposeError, TrainingStopped
-from ..flops import flops_per_step
-from ..models import build_model, model_config, parameter_counts
-from ..schedule import lr_at, rewarmup_factor
-from .checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_atomic,
-)
+from ..files import FolderLock, write_atomic
+from ..flops import flops_per_step, mfu
+from ..models import model_config, parameter_counts
+from ..schedule import PhaseSchedule, lr_at, rewarmup_factor
+from .checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import RunConfig
-from .distributed import DistInfo, any_rank, barrier, init_distributed, shutdown
+from .console import Console
+from .distributed import DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, shutdown, torchrun_env
 from .faults import StopSignals, kill_point
 from .metrics import MetricsWriter
-from .step import TrainModule
+from .state import TrainState
+from .step import Prefetcher, StepInterrupted, StepResult, TrainModule, profile_steps
 
 
 @dataclass
@@ -47,148 +47,341 @@ class RunResult:
     """The signal (SIGTERM, SIGINT) that stopped the run early, after its checkpoint; None when it ran to the end."""
 
 
+@dataclass
+class RunInputs:
+    """What a run reads, opened and checked before anything is written."""
+
+    data: TokenDataset
+    schedule: PhaseSchedule
+    train_stream: TokenStream
+    val_windows: torch.Tensor
+    """``[N, L+1]`` held-out windows, the same at any world size (TrainModule.eval_loss splits them over ranks)."""
+
+    @classmethod
+    def open(cls, cfg: RunConfig, world_size: int) -> "RunInputs":
+        data = open_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer or None)
+        schedule = cfg.phase_schedule()
+        L, B = cfg.train.seq_len, cfg.train.batch_size
+        train_stream = data.split("train")
+        for bag in sorted(set(schedule.bags())):
+            check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
+        val_windows = torch.cat(validation_windows(data.split("val"), B, L, cfg.eval.batches))
+        model_config(cfg.model.preset, data.vocab_size, **cfg.model.overrides)  # unknown preset: fail before writing
+        return cls(data, schedule, train_stream, val_windows)
+
+
 def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = True) -> RunResult:
     """Run (or resume) a training run described by ``cfg``; returns where it is and how it ended.
 
-    ``resume``: ``True`` continues from the run folder's newest checkpoint, a path from that checkpoint. Under
-    torchrun every rank calls this; rank 0 alone writes files and shows progress.
+    ``resume``: ``True`` continues from the run folder's newest checkpoint, or starts the run when it has none yet
+    (so one command serves the first start and every restart); a path resumes from that checkpoint. Under torchrun
+    every rank calls this; rank 0 alone writes files and shows progress, and holds the run folder's lock.
     """
-    cfg.validate()
-    run_dir = cfg.run_dir
-    data = open_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer or None)
-    schedule = cfg.phase_schedule()
-    L, B = cfg.train.seq_len, cfg.train.batch_size
-    train_stream, val_stream = data.split("train"), data.split("val")
-    for bag in sorted(set(schedule.bags())):
-        check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
-    val_windows = [w for batch in validation_windows(val_stream, B, L, cfg.eval.batches)  # the same at any world size
-                   for w in batch.split(cfg.micro_batch_size)]
-    model_config(cfg.model.preset, data.vocab_size, **cfg.model.overrides)  # unknown preset: fail before writing
-    checkpoint = None
-    if resume:
-        checkpoint = resolve_checkpoint(run_dir if resume is True else Path(resume))
-    elif list_checkpoints(run_dir):
-        raise SuperposeError(f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another name")
-
+    world = torchrun_env().world_size
+    cfg.validate(world)
+    inputs = RunInputs.open(cfg, world)
+    _find_checkpoint(cfg, resume)  # refuse bad input before the process group and the lock exist
     info, device = init_distributed(cfg.train.device)
+    if device.type == "cuda" and not info.enabled and cfg.train.parallel == "fsdp":
+        init_one_rank_group(device)  # FSDP2 on one GPU too: bf16 compute over fp32 master weights
     try:
-        return _train(cfg, data, schedule, train_stream, val_windows, checkpoint, info, device, progress)
+        with ExitStack() as stack:
+            refused = None
+            if info.is_main:
+                try:
+                    stack.enter_context(FolderLock(cfg.run_dir, "run folder"))
+                except SuperposeError as e:
+                    refused = e
+            if any_rank(refused is not None, info):
+                raise refused or SuperposeError(f"run folder {cfg.run_dir} is in use by another process")
+            checkpoint = _find_checkpoint(cfg, resume)  # again, now that no other writer can add one
+            trainer = Trainer(cfg, inputs, checkpoint, info, device, progress)
+            if resume is True and checkpoint is None:
+                trainer.console.say(f"--resume: {cfg.run_dir} holds no checkpoint yet; starting the run from step 0")
+            return trainer.fit()
     finally:
         shutdown()
 
 
-def _train(cfg: RunConfig, data, schedule, train_stream, val_windows, checkpoint: Path | None, info: DistInfo,
-           device: torch.device, progress: bool) -> RunResult:
-    run_dir, L, B = cfg.run_dir, cfg.train.seq_len, cfg.train.batch_size
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.preset, data.vocab_size, seed=cfg.seed, device=device, **cfg.model.overrides)
-    total_params, active_params = parameter_counts(model)
-    step_flops = flops_per_step(model.config, B, L)
-    module = TrainModule(model, cfg, device, info)
-    local = cfg.local_batch_size
-    loader = WindowLoader(train_stream, B, cfg.seed, lanes=range(info.rank * local, (info.rank + 1) * local))
-    state = {"step": 0, "text_tokens": 0, "flops": 0, "wall_time": 0.0}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, module.optimizer)
-        loader.load_state_dict(state["loader"])
+def _find_checkpoint(cfg: RunConfig, resume: bool | str | Path) -> Path | None:
+    """The checkpoint to resume from, None to start afresh; a fresh start into a folder holding a run is refused."""
+    if resume is True:
+        found = list_checkpoints(cfg.run_dir)
+        return found[-1] if found else None
+    if resume:
+        return resolve_checkpoint(Path(resume))
+    if list_checkpoints(cfg.run_dir):
+        raise SuperposeError(f"run folder {cfg.run_dir} already holds a run; pass --resume to continue it or "
+                             f"choose another name")
+    return None
 
-    config_toml = cfg.to_toml()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(run_dir)
-        write_atomic(run_dir / "config.toml", config_toml)
-        data.tokenizer.save(str(run_dir / "tokenizer.json"))  # a run folder is self-contained for export
-        write_atomic(run_dir / "run.json", json.dumps({
-            "preset": cfg.model.preset, "vocab_size": data.vocab_size, "parameters": total_params,
-            "active_parameters": active_params, "flops_per_step": step_flops, "device": str(device),
-            "world_size": info.world_size, "parallel": cfg.train.parallel if info.enabled else None,
-            "stages": [{"bag": st.bag, "end_step": end} for st, end in zip(schedule.stages, schedule.ends)],
-        }, indent=2))
-    barrier(info)
-    writer = MetricsWriter(run_dir, resume_step=state["step"] if checkpoint is not None else None, log=cfg.log,
-                           config=cfg.to_dict()) if info.is_main else None
-    switches = set(schedule.switch_steps())
-    val_loss = float("nan")
-    skipped_in_row = state.get("skipped_in_row", 0)
-    bar = tqdm(total=cfg.train.steps, initial=state["step"], desc=cfg.name, disable=not (progress and info.is_main),
-               dynamic_ncols=True)
-    wall0 = time.perf_counter() - state["wall_time"]
 
-    def say(message: str) -> None:
-        if info.is_main:  # tqdm.write prints even with the bar disabled: one voice per job
-            bar.write(message)
+class Evaluator:
+    """Validation loss on the fixed held-out windows: every ``eval.every`` steps and always after the last step."""
 
-    def snapshot(step: int, keep_always: bool) -> Path:
-        return save_checkpoint(
-            run_dir,
-            model,
-            module.optimizer,
-            {**state, "step": step, "loader": loader.state_dict(), "keep_always": keep_always,
-             "phase": schedule.stage_at(step - 1) + 1, "bag": schedule.bag_at(step - 1),
-             "skipped_in_row": skipped_in_row},
-            config_toml,
-            cfg.checkpoint.keep,
-            info,
-        )
+    def __init__(self, module: TrainModule, windows: torch.Tensor, every: int, total: int):
+        self.module, self.windows, self.every, self.total = module, windows, every, total
+        self.last = math.nan
 
-    stopped = None
-    try:
-        with StopSignals() as signals:
-            for step in range(state["step"], cfg.train.steps):
-                bag = schedule.bag_at(step)
-                lr = lr_at(step, cfg.train.steps, peak=cfg.optim.lr, schedule=cfg.optim.schedule,
-                           warmup_steps=cfg.optim.warmup_steps, decay_fraction=cfg.optim.decay_fraction,
-                           min_ratio=cfg.optim.min_lr_ratio) * rewarmup_factor(step, schedule.switch_steps(), cfg.tst.rewarmup_steps)
-                t0 = time.perf_counter()
-                epoch = loader.epoch
-                window = loader.next_batch(method.window_length(L, bag, cfg.tst.mode))
-                metrics = module.train_step(window, bag, lr)
-                dt = time.perf_counter() - t0
-                done = step + 1
-                finite = metrics.pop("finite")
-                skipped_in_row = 0 if finite else skipped_in_row + 1
-                state.update(step=done, text_tokens=state["text_tokens"] + B * window.shape[1],
-                             flops=state["flops"] + step_flops, wall_time=time.perf_counter() - wall0,
-                             skipped=state.get("skipped", 0) + (not finite))
-                row = {"step": done, "phase": schedule.stage_at(step) + 1, "bag": bag, "lr": lr,
-                       "train_loss": metrics["loss"], **{k: v for k, v in metrics.items() if k != "loss"},
-                       "text_tokens": state["text_tokens"], "flops": state["flops"], "wall_time": state["wall_time"],
-                       "tokens_per_s": B * window.shape[1] / dt, "epoch": loader.epoch}
-                if not finite:
-                    row.update(skipped=1, skipped_total=state["skipped"])
-                    say(f"step {done}: non-finite loss or gradient, update skipped ({skipped_in_row} in a row)")
-                if loader.epoch != epoch:
-                    say(f"step {done}: epoch {epoch} of the training data complete, starting epoch {loader.epoch}")
-                # the last step always evaluates: after a skipped update the weights are the last good ones
-                if (finite and cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.steps:
-                    val_loss = module.eval_loss(val_windows)
-                    row["val_loss"] = val_loss
-                if writer is not None and (done % cfg.train.log_every == 0 or "val_loss" in row or not finite
-                                           or done in switches or done == cfg.train.steps):
-                    writer.write(row)
-                bar.update(1)
-                bar.set_postfix({"phase": row["phase"], "bag": bag, "loss": f"{metrics['loss']:.3f}",
-                                 "tok/s": f"{row['tokens_per_s']:.0f}"})
-                kill_point("step", done)
-                if not finite and (cfg.train.nonfinite == "stop" or skipped_in_row >= cfg.train.max_skips):
-                    path = snapshot(done, keep_always=True)
-                    raise TrainingStopped(
-                        f"non-finite loss or gradient at step {done} ({skipped_in_row} in a row, policy "
-                        f"{cfg.train.nonfinite}); the last good weights are in {path}"
-                    )
-                stop = any_rank(signals.received is not None, info, device)  # every rank stops after the same step
-                if done in switches or done == cfg.train.steps:
-                    snapshot(done, keep_always=True)
-                elif stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                    snapshot(done, keep_always=False)
-                if stop and done < cfg.train.steps:
-                    stopped = signals.name or "SIGTERM"
-                    say(f"{stopped}: stopped after step {done} with a checkpoint; continue with --resume")
-                    break
-    finally:
-        bar.close()
+    def due(self, done: int, finite: bool) -> bool:
+        # the last step always evaluates: after a skipped update the weights are the last good ones
+        return (finite and self.every > 0 and done % self.every == 0) or done == self.total
+
+    def __call__(self) -> float:
+        self.last = self.module.eval_loss(self.windows)
+        return self.last
+
+
+class NonFinitePolicy:
+    """What skipped updates (non-finite loss or gradient) lead to: carry on, or stop after a checkpoint.
+
+    The optimizer skips a bad update on the device; the counts are kept there too and read back only on logged
+    steps (``sync``), so a "stop" takes effect at the first logged step after the bad one (every step at
+    ``train.log_every = 1``). The weights are the last good ones either way: no bad update ever lands.
+    """
+
+    def __init__(self, policy: str, max_skips: int, state: TrainState, device: torch.device):
+        self.policy, self.max_skips, self.state = policy, max_skips, state
+        self._in_row = torch.tensor(state.skipped_in_row, device=device)
+        self._skipped = torch.tensor(state.skipped, device=device)
+        self._skipped_at_sync = state.skipped
+
+    def record(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self._in_row = (self._in_row + 1) * bad
+        self._skipped = self._skipped + bad
+
+    def sync(self) -> None:
+        """Read the counts back into the train state (a host-device sync: logged steps only)."""
+        self.state.skipped_in_row, self.state.skipped = int(self._in_row), int(self._skipped)
+
+    def must_stop(self) -> bool:
+        new, self._skipped_at_sync = self.state.skipped > self._skipped_at_sync, self.state.skipped
+        return (self.policy == "stop" and new) or self.state.skipped_in_row >= self.max_skips
+
+    def reason(self, done: int) -> str:
+        return (f"non-finite loss or gradient by step {done} ({self.state.skipped_in_row} in a row, "
+                f"{self.state.skipped} in all, policy {self.policy})")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT turned into a stop, agreed by every rank over the host network (no device sync): asked after
+    every step and between micro-batches, so a long step can be abandoned for a prompt checkpoint."""
+
+    def __init__(self, signals: StopSignals, info: DistInfo):
+        self.signals, self.info = signals, info
+
+    def requested(self) -> bool:
+        return any_rank(self.signals.received is not None, self.info)
+
+    @property
+    def name(self) -> str:
+        return self.signals.name or "SIGTERM"
+
+
+class CheckpointCadence:
+    """Phase switches and the last step keep their checkpoint forever; ``checkpoint.every`` and a stop write
+    periodic ones (pruned to the newest ``checkpoint.keep``)."""
+
+    def __init__(self, every: int, switches: set[int], total: int):
+        self.every, self.switches, self.total = every, switches, total
+
+    def kind(self, done: int, stop: bool) -> str | None:
+        if done in self.switches or done == self.total:
+            return "keep"
+        if stop or (self.every and done % self.every == 0):
+            return "periodic"
+        return None
+
+
+class Throughput:
+    """Step time and tokens/s over the steps since the last logged one: only a logged step waits for the device,
+    so only there does wall time measure the device's work."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        self._mark = (time.perf_counter(), state.step, state.text_tokens)
+
+    def since_last(self) -> tuple[float, int, int]:
+        """Seconds, steps and text tokens since the previous call (or the start)."""
+        t, step, tokens = self._mark
+        self._mark = (time.perf_counter(), self.state.step, self.state.text_tokens)
+        return self._mark[0] - t, self.state.step - step, self.state.text_tokens - tokens
+
+
+class Trainer:
+    """One run: the model, optimizer, loader and state, built (or restored) once; ``fit`` trains to the end."""
+
+    def __init__(self, cfg: RunConfig, inputs: RunInputs, checkpoint: Path | None, info: DistInfo,
+                 device: torch.device, progress: bool):
+        self.cfg, self.inputs, self.info, self.device = cfg, inputs, info, device
+        self.schedule = inputs.schedule
+        self.module = TrainModule(cfg, inputs.data.vocab_size, device, info, init=checkpoint is None)
+        self.model = self.module.model
+        self.step_flops = flops_per_step(self.model.config, cfg.train.batch_size, cfg.train.seq_len)
+        self.parameters = parameter_counts(self.model)
+        local = cfg.local_batch_size(info.world_size)
+        self.loader = WindowLoader(inputs.train_stream, cfg.train.batch_size, cfg.seed,
+                                   lanes=range(info.rank * local, (info.rank + 1) * local))
+        self.state = TrainState()
+        self.resumed = checkpoint is not None
+        if checkpoint is not None:
+            saved = load_checkpoint(checkpoint, self.model, self.module.optimizer, info)
+            self.state = TrainState.from_state_dict(saved, f"checkpoint {checkpoint}")
+            self.loader.load_state_dict(self.state.loader)
+        self.batches = Prefetcher(self.loader, device)
+        self.console = Console(cfg.name, cfg.train.steps, self.state.step, progress, info.is_main)
+        self.evaluator = Evaluator(self.module, inputs.val_windows, cfg.eval.every, cfg.train.steps)
+        self.policy = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, self.state, device)
+        self.cadence = CheckpointCadence(cfg.checkpoint.every, set(self.schedule.switch_steps()), cfg.train.steps)
+        self.throughput = Throughput(self.state)
+        self.config_files = {"config.toml": cfg.to_toml(), "config.json": self.model.config.to_json_string()}
+        self._wall0 = time.perf_counter() - self.state.wall_time
+
+    def fit(self) -> RunResult:
+        """Train from the current step to the end, or until a stop request (then with a checkpoint)."""
+        cfg, state = self.cfg, self.state
+        self._write_run_files()
+        writer = MetricsWriter(cfg.run_dir, resume_step=state.step if self.resumed else None, log=cfg.log,
+                               config=cfg.to_dict()) if self.info.is_main else None
+        stopped = None
+        try:
+            with StopSignals() as signals, profile_steps(cfg.train.profile_steps, cfg.run_dir / "profile") as tick:
+                stop = StopRequest(signals, self.info)
+                for step in range(state.step, cfg.train.steps):
+                    finished = self._train_one(step, stop.requested, writer)
+                    tick()
+                    stopping = not finished or stop.requested()
+                    kind = self.cadence.kind(state.step, stopping) if finished else None
+                    if kind is not None:
+                        self._snapshot(keep_always=kind == "keep")
+                    if stopping and state.step < cfg.train.steps:
+                        stopped = stop.name
+                        self.console.say(f"{stopped}: stopped after step {state.step} with a checkpoint; "
+                                         f"continue with --resume")
+                        break
+        finally:
+            self.batches.close()
+            self.console.close()
+            if writer is not None:
+                writer.close()
+        if self.resumed and math.isnan(self.evaluator.last):  # resumed a finished run: report its last validation
+            self.evaluator()
+        return RunResult(cfg.run_dir, state.step, self.evaluator.last, state.text_tokens, state.wall_time, stopped)
+
+    def _train_one(self, step: int, should_stop: Callable[[], bool], writer: MetricsWriter | None) -> bool:
+        """Train optimizer step ``step``: read, step, account; on logged steps read back, evaluate and report.
+
+        Returns False when a stop request arrived between micro-batches: the step was abandoned with weights and
+        optimizer untouched, and the checkpoint of the step before (loader position before this batch) is written.
+        """
+        cfg, state = self.cfg, self.state
+        bag, lr, before, epoch = self.schedule.bag_at(step), self._lr(step), self.batches.state_dict(), self.batches.epoch
+        window = self.batches.get(self._window_len(step), self._window_len(step + 1))
+        try:
+            result = self.module.train_step(window, bag, lr, should_stop=should_stop)
+        except StepInterrupted:
+            state.loader = before
+            self._snapshot(keep_always=False)
+            return False
+        state.advance(cfg.train.batch_size * window.shape[1], self.step_flops, time.perf_counter() - self._wall0)
+        state.loader = self.batches.state_dict()
+        self.policy.record(result.finite)
+        if not self._is_logged(state.step):
+            self.console.progress_only(state.step)
+            kill_point("step", state.step)
+            return True
+        row = self._row(step, bag, lr, result)
+        if self.evaluator.due(state.step, "skipped" not in row):
+            row["val_loss"] = self.evaluator()
+        self._report(row, epoch, writer)
+        kill_point("step", state.step)
+        if self.policy.must_stop():
+            path = self._snapshot(keep_always=True)
+            raise TrainingStopped(f"{self.policy.reason(state.step)}; the last good weights are in {path}")
+        return True
+
+    def _window_len(self, step: int) -> int | None:
+        """Tokens per row that step ``step`` reads; None past the last step (nothing to read ahead)."""
+        if step >= self.cfg.train.steps:
+            return None
+        return method.window_length(self.cfg.train.seq_len, self.schedule.bag_at(step), self.cfg.tst.mode)
+
+    def _is_logged(self, done: int) -> bool:
+        """Steps that read numbers back from the device: log, eval, checkpoint, switch and last steps."""
+        c = self.cfg
+        return (done % c.train.log_every == 0 or done == c.train.steps or done in self.cadence.switches
+                or done - 1 in self.cadence.switches or (c.eval.every > 0 and done % c.eval.every == 0)
+                or (c.checkpoint.every > 0 and done % c.checkpoint.every == 0))
+
+    def _lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(step, self.cfg.train.steps, peak=o.lr, schedule=o.lr_schedule, warmup_steps=o.warmup_steps,
+                     decay_fraction=o.decay_fraction, min_ratio=o.min_lr_ratio) * rewarmup_factor(
+            step, self.schedule.switch_steps(), self.cfg.tst.rewarmup_steps)
+
+    def _row(self, step: int, bag: int, lr: float, result: StepResult) -> dict[str, Any]:
+        """The metrics row of the step just trained (what metrics.jsonl, TensorBoard and W&B receive): the one
+        place a step's numbers are read back from the device."""
+        metrics = result.to_host()
+        finite = bool(metrics.pop("finite"))
+        self.policy.sync()
+        seconds, steps, tokens = self.throughput.since_last()
+        s, cfg = self.state, self.cfg
+        row = {"step": s.step, "phase": self.schedule.stage_at(step) + 1, "bag": bag, "lr": lr,
+               "train_loss": metrics.pop("loss"), **metrics, "text_tokens": s.text_tokens, "flops": s.flops,
+               "wall_time": s.wall_time, "step_time": seconds / steps, "tokens_per_s": tokens / seconds,
+               "positions_per_s": cfg.train.batch_size * cfg.train.seq_len * steps / seconds,
+               "epoch": self.batches.epoch}
+        if self.device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            utilisation = mfu(self.step_flops * steps, seconds, torch.cuda.get_device_name(self.device),
+                              devices=self.info.world_size)
+            if utilisation is not None:
+                row["mfu"] = utilisation
+        if not finite:
+            row.update(skipped=1, skipped_total=s.skipped)
+        return row
+
+    def _report(self, row: dict[str, Any], epoch_before: int, writer: MetricsWriter | None) -> None:
+        """Write the row and tell the user what changed: a skipped update, a new epoch, a validation, a switch."""
+        done = row["step"]
+        if "skipped" in row:
+            self.console.say(f"step {done}: non-finite loss or gradient, update skipped "
+                             f"({self.state.skipped_in_row} in a row)")
+        if row["epoch"] != epoch_before:
+            self.console.say(f"step {done}: epoch {epoch_before} of the training data complete, starting epoch "
+                             f"{row['epoch']}")
+        if "val_loss" in row:
+            self.console.say(f"step {done}: validation loss {row['val_loss']:.4f}")
+        self.console.phase_change(row, self.cadence.switches)
         if writer is not None:
-            writer.close()
-    if checkpoint is not None and val_loss != val_loss:  # resumed a finished run: report its last validation
-        val_loss = module.eval_loss(val_windows)
-    return RunResult(run_dir, state["step"], val_loss, state["text_tokens"], state["wall_time"], stopped)
+            writer.write(row)
+        self.console.progress(row)
+
+    def _snapshot(self, keep_always: bool) -> Path:
+        done = self.state.step
+        meta = {"keep_always": keep_always, "phase": self.schedule.stage_at(done - 1) + 1,
+                "bag": self.schedule.bag_at(done - 1)}
+        return save_checkpoint(self.cfg.run_dir, self.model, self.module.optimizer,
+                               {**self.state.state_dict(), **meta}, self.config_files, self.cfg.checkpoint.keep,
+                               self.info)
+
+    def _write_run_files(self) -> None:
+        """The run folder is self-contained: resolved config, model config, tokenizer and what the run is."""
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            run_dir = cfg.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(run_dir)
+            for name, text in self.config_files.items():
+                write_atomic(run_dir / name, text)
+            self.inputs.data.tokenizer.save(str(run_dir / "tokenizer.json"))
+            total, active = self.parameters
+            write_atomic(run_dir / "run.json", json.dumps({
+                "preset": cfg.model.preset, "vocab_size": self.inputs.data.vocab_size, "parameters": total,
+                "active_parameters": active, "flops_per_step": self.step_flops, "device": str(self.device),
+                "world_size": info.world_size, "parallel": cfg.train.parallel if info.enabled else None,
+                "stages": [{"bag": st.bag, "end_step": end} for st, end in zip(self.schedule.stages, self.schedule.ends)],
+            }, indent=2))
+        barrier(info)

@@ -8,10 +8,35 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SuperposeError
-from .checkpoint import write_atomic
+from ..files import write_atomic
 from .config import LogConfig
 
 WANDB_ID_FILE = "wandb-id.txt"
+
+# Dashboard tags, grouped the way people look at a run; metrics.jsonl keeps the flat keys.
+_GROUPS = {"train_loss": "train/loss", "val_loss": "eval/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "aux_loss": "train/aux_loss", "skipped": "train/skipped", "skipped_total": "train/skipped_total",
+           "bag": "tst/bag", "phase": "tst/phase", "text_tokens": "progress/text_tokens", "flops": "progress/flops",
+           "epoch": "progress/epoch", "wall_time": "progress/wall_time", "tokens_per_s": "perf/text_tokens_per_s",
+           "positions_per_s": "perf/positions_per_s", "step_time": "perf/step_time", "mfu": "perf/mfu",
+           "peak_memory_gb": "perf/peak_memory_gb", "expert_load_max": "moe/expert_load_max",
+           "expert_load_cv": "moe/expert_load_cv"}
+
+
+def dashboard_tag(key: str) -> str:
+    """The TensorBoard/W&B tag of a metrics key (unknown keys go under ``train/``)."""
+    return _GROUPS.get(key, f"train/{key}")
+
+
+def _hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config flattened to ``section.key`` scalars (lists and tables as text), for the hyper-parameter views."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "overrides":
+            flat.update(_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 class MetricsWriter:
@@ -36,17 +61,26 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            if config is not None and resume_step is None:
+                self._write_hparams(_hparams(config))
         self._wandb = _start_wandb(Path(run_dir), log.wandb_project, config, resume_step is not None) if log.wandb else None
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        scalars = {dashboard_tag(k): v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, row["step"])
         if self._wandb is not None:
             self._wandb.log(scalars, step=row["step"])
+
+    def _write_hparams(self, hparams: dict[str, Any]) -> None:
+        """The run's hyper-parameters in TensorBoard's HPARAMS view, keyed to ``eval/loss``, in the run's own log."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for summary in hparams_summary(hparams, {"eval/loss": float("nan")}):
+            self._tb.file_writer.add_summary(summary)
 
     def close(self) -> None:
         self._file.close()

@@ -79,6 +79,7 @@ class LMObjective(torch.nn.Module):
         self.lm = lm
         self.tst = cfg.tst
         self.loss_chunk = cfg.train.loss_chunk
+        self.compile_loss = cfg.train.compile
         self.num_experts = int(getattr(lm.config, "num_experts", 0) or 0)
 
     def forward(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
@@ -90,7 +91,8 @@ class LMObjective(torch.nn.Module):
         if self.loss_chunk:
             head = self.lm.get_output_embeddings()
             loss = chunked_multi_hot_cross_entropy(out.last_hidden_state, head.weight, targets,
-                                                   chunk_size=self.loss_chunk, weights=w, bias=head.bias)
+                                                   chunk_size=self.loss_chunk, weights=w, bias=head.bias,
+                                                   compiled=self.compile_loss)
         else:
             loss = method.multi_hot_cross_entropy(self.lm.get_output_embeddings()(out.last_hidden_state), targets,
                                                   weights=w)
@@ -194,7 +196,7 @@ class TrainModule:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = window.split(self.cfg.micro_batch_size)
+        micro = window.split(self.cfg.micro_batch_size(self.info.world_size))
         sums = torch.zeros(2, device=self.device)  # loss, router loss: summed over micro-batches, then ranks
         loads = []
         for i, chunk in enumerate(micro):
@@ -235,7 +237,7 @@ class TrainModule:
         self.model.eval()
         per_rank = -(-windows.shape[0] // self.info.world_size)
         mine = windows[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
-        size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.micro_batch_size
+        size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.micro_batch_size(self.info.world_size)
         total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
         for i in range(-(-per_rank // size)):
             chunk = mine[i * size:(i + 1) * size]
@@ -247,6 +249,8 @@ class TrainModule:
 
 
 class _BatchSource(Protocol):
+    epoch: int
+
     def next_batch(self, window_len: int) -> torch.Tensor: ...
     def state_dict(self) -> dict[str, int]: ...
 
@@ -264,6 +268,8 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._ahead: tuple[int, Future[torch.Tensor]] | None = None
         self._state = loader.state_dict()
+        self.epoch = loader.epoch
+        """The loader's epoch after the batches handed out so far (not counting the one read ahead)."""
 
     def _read(self, window_len: int) -> torch.Tensor:
         batch = self.loader.next_batch(window_len)
@@ -274,7 +280,7 @@ class Prefetcher:
         if self._ahead is not None and self._ahead[0] != window_len:
             raise ValueError(f"prefetched windows of {self._ahead[0]} tokens, asked for {window_len}")
         batch = self._ahead[1].result() if self._ahead is not None else self._read(window_len)
-        self._state = self.loader.state_dict()
+        self._state, self.epoch = self.loader.state_dict(), self.loader.epoch
         self._ahead = None if next_len is None else (next_len, self._pool.submit(self._read, next_len))
         return batch.to(self.device, non_blocking=True)
 

@@ -1,0 +1,67 @@
+"""What keeps a run folder whole: one writer at a time, a restart command that also starts, checkpoints verified,
+a full disk that loses nothing, and a log a person can read."""
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from superpose.errors import SuperposeError
+from superpose.files import FolderLock
+from superpose.train import checkpoint as checkpoint_module
+from superpose.train.checkpoint import list_checkpoints
+from superpose.train.loop import train
+from superpose.train.metrics import read_metrics
+
+
+def test_a_second_writer_is_refused_and_the_first_keeps_its_folder(tiny_config):
+    cfg = tiny_config(train={"steps": 4})
+    with FolderLock(cfg.run_dir, "run folder"):  # a live run holds it (flock is per open file, so this conflicts)
+        with pytest.raises(SuperposeError, match="is in use by another process"):
+            train(cfg, progress=False)
+        assert not (cfg.run_dir / "metrics.jsonl").exists()
+    assert train(cfg, progress=False).steps == 4  # released with its holder: no stale lock
+
+
+def test_resume_without_a_checkpoint_starts_the_run(tiny_config, capsys):
+    cfg = tiny_config(train={"steps": 4}, checkpoint={"every": 0})
+    result = train(cfg, resume=True, progress=False)
+    assert result.steps == 4 and [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000002", "step-0000004"]
+    assert "holds no checkpoint yet; starting the run from step 0" in capsys.readouterr().out
+
+
+def test_explicit_checkpoint_that_does_not_exist_is_refused(tiny_config, tmp_path):
+    with pytest.raises(SuperposeError, match="no checkpoint found"):
+        train(tiny_config(), resume=tmp_path / "nowhere", progress=False)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_complete_one(tiny_config, monkeypatch):
+    cfg = tiny_config(train={"steps": 8}, checkpoint={"every": 2, "keep": 5})
+    real = checkpoint_module.save_model
+
+    def fill_the_disk_at_step_4(model, path):
+        if "step-0000004" in path:
+            raise OSError(28, "No space left on device", path)
+        real(model, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_model", fill_the_disk_at_step_4)
+    with pytest.raises(SuperposeError, match="writing checkpoint step-0000004 failed: .*No space left on device.*"
+                                             "last complete checkpoint .* is intact"):
+        train(cfg, progress=False)
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000002"]
+    assert not list((cfg.run_dir / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(checkpoint_module, "save_model", real)
+    assert train(cfg, resume=True, progress=False).steps == 8
+
+
+def test_log_lines_and_grouped_dashboard_tags(tiny_config, capsys):
+    cfg = tiny_config()  # bag 4 for 6 steps, then bag 1; eval every 4
+    result = train(cfg, progress=False)
+    out = capsys.readouterr().out
+    rows = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
+    assert f"step 4: validation loss {rows[4]['val_loss']:.4f}" in out
+    spike = rows[7]["train_loss"] - rows[6]["train_loss"]
+    assert f"step 7: phase 1 -> 2 (bag 4 -> 1), train loss {rows[6]['train_loss']:.3f} -> " \
+           f"{rows[7]['train_loss']:.3f} ({spike:+.3f} nat)" in out
+    events = EventAccumulator(str(result.run_dir / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "tst/bag", "perf/text_tokens_per_s", "train/lr"} <= tags
+    assert [e.value for e in events.Scalars("tst/bag")] == [4] * 6 + [1] * 6
