@@ -2,10 +2,13 @@
 
     python examples/hf_trainer_tst.py                  # prepares a slice of the embedded corpus in a temp folder
     python examples/hf_trainer_tst.py --data DIR --steps 200 --bag 4 --ratio 0.3
+    torchrun --nproc_per_node 2 examples/hf_trainer_tst.py --data DIR --batch-size 4       # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 examples/hf_trainer_tst.py --data DIR --gpu --fsdp         # FSDP2 on 8 GPUs
+    python examples/hf_trainer_tst.py --data DIR --save-steps 20 --resume last             # continue a killed run
 
 Everything else is what such a script already has: a ``transformers`` config and model, a dataset of equal token
-chunks (``input_ids`` and ``labels``), ``TrainingArguments`` and ``trainer.train()``. Without the two ``# TST`` lines
-(``Trainer(model=model, args=args, train_dataset=dataset)``) it is the baseline.
+chunks (``input_ids`` and ``labels``), ``TrainingArguments``, ``trainer.train()`` and ``trainer.save_model()``. Without
+the two ``# TST`` lines (``Trainer(model=model, args=args, train_dataset=dataset)``) it is the baseline.
 """
 
 from __future__ import annotations
@@ -44,7 +47,17 @@ def main(argv: list[str] | None = None) -> Trainer:
     parser.add_argument("--block-size", type=int, default=33, help="tokens per chunk: 32 positions + 1 target")
     parser.add_argument("--bag", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per device (the global batch is this x ranks)")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: none)")
+    parser.add_argument("--resume", help="checkpoint folder to continue from, or 'last' (the newest in --out)")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPUs (default: CPU)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (needs --gpu: accelerate shards only "
+                                                            "on accelerators)")
     args = parser.parse_args(argv)
+    if args.fsdp and not args.gpu:
+        parser.error("--fsdp needs --gpu")
     if args.data is None:
         args.data = Path(tempfile.mkdtemp()) / "embedded"
         prepare(["embedded"], args.data, vocab_size=512, max_bytes=400_000, progress=False)
@@ -56,12 +69,16 @@ def main(argv: list[str] | None = None) -> Trainer:
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     training_args = TrainingArguments(
-        output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=8, learning_rate=3e-3,
-        warmup_steps=5, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-3, warmup_steps=5, lr_scheduler_type="cosine",
+        logging_steps=1, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        dataloader_num_workers=args.workers, report_to=[], use_cpu=not args.gpu, seed=0, disable_tqdm=True,
+        fsdp="full_shard" if args.fsdp else "", fsdp_config={"version": 2} if args.fsdp else None,
     )
     trainer = TSTTrainer(model=model, args=training_args, train_dataset=dataset, bag=args.bag, ratio=args.ratio)  # TST
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
+    trainer.save_model()
+    trainer.save_state()
     return trainer
 
 

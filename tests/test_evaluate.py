@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -62,12 +63,16 @@ def uniform_model(embedded_data, tmp_path):
 
 def test_eval_local_task_accuracy_and_bits_per_byte(uniform_model, local_task, embedded_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    out = tmp_path / "eval.json"
+    out = tmp_path / "results" / "eval.json"
     code = main(["eval", str(uniform_model), "--tasks", "superpose_mc", "--include-path", str(local_task),
-                 "--data", str(embedded_data), "--seq-len", "32", "--val-batches", "2", "--output", str(out), "--device", "cpu"])
+                 "--data", str(embedded_data), "--seq-len", "32", "--val-batches", "2", "--output", str(out), "--device", "cpu",
+                 "--log-samples", "--model-args", "max_length=64,logits_cache=False"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["results"]["superpose_mc"]["acc,none"] == EXPECTED_ACC
+    samples = [json.loads(line) for line in (out.parent / "eval.samples.jsonl").read_text().splitlines()]
+    assert [(s["task"], s["doc"]["question"], s["acc"]) for s in samples] == [
+        ("superpose_mc", d["question"], float(i < 3)) for i, d in enumerate(DOCS)]
     ppl = report["perplexity"]
     vocab = load_tokenizer(str(embedded_data / "tokenizer.json")).get_vocab_size()
     assert ppl["val_loss"] == pytest.approx(math.log(vocab), rel=1e-6)
@@ -99,3 +104,25 @@ def test_eval_unknown_task(uniform_model, local_task, capsys):
                              str(local_task)])
     assert "no_such_task" in msg
     assert not (uniform_model / "eval.json").exists()
+
+
+def test_eval_results_go_beside_an_export(uniform_model, embedded_data, capsys):
+    """An export stays the folder that was written; the results land next to it."""
+    assert main(["eval", str(uniform_model), "--tasks", "none", "--data", str(embedded_data), "--seq-len", "8",
+                 "--val-batches", "1"]) == 0
+    beside = uniform_model.parent / "uniform-eval.json"
+    assert "perplexity" in json.loads(beside.read_text())
+    assert not (uniform_model / "eval.json").exists()
+
+
+def test_eval_without_lm_eval_says_how_to_install_it(uniform_model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without the extra sees: ImportError
+    msg = run_error(capsys, ["eval", str(uniform_model), "--tasks", "hellaswag"])
+    assert "pip install 'superpose[eval]'" in msg
+
+
+def test_eval_unknown_model_arg(uniform_model, local_task, capsys):
+    msg = run_error(capsys, ["eval", str(uniform_model), "--tasks", "superpose_mc", "--include-path", str(local_task),
+                             "--model-args", "max_lenght=64"])
+    assert "max_lenght" in msg
+    assert not list(uniform_model.parent.glob("*eval*.json"))

@@ -1,6 +1,8 @@
 """Export: a trained run becomes a plain Hugging Face folder that transformers loads alone, from either checkpoint layout."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,10 @@ from safetensors.torch import load_file
 import superpose
 from superpose.cli import main
 from superpose.errors import SuperposeError
-from superpose.export import export, load_run
-from superpose.models import build_model
+from superpose.export import PORTABLE_TOKENIZER_CLASS, export, load_model, load_run
+from superpose.models import build_model, model_config
 from superpose.train.checkpoint import load_checkpoint
+from superpose.train.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save, one process
 
@@ -120,3 +123,118 @@ def test_export_cli_into_empty_folder(tst_run, tmp_path, capsys):
     assert main(["export", str(tst_run / "checkpoints" / "step-0000006"), "--out", str(out)]) == 0
     assert (out / "model.safetensors").is_file()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_run_with_model_overrides_exports_and_loads(tiny_config, tmp_path):
+    """A run whose shape differs from its preset (issue 11) exports, and the export holds the trained shape."""
+    overrides = {"hidden_size": 64, "intermediate_size": 192}
+    cfg = tiny_config(model={"preset": "tiny", "overrides": overrides}, train={"steps": 6})
+    run = train(cfg, progress=False).run_dir
+    out = export(run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"]) == (64, 192)
+    older = Path(shutil.copytree(run, tmp_path / "older"))  # a run written before training saved config.json
+    for path in older.rglob("config.json"):
+        path.unlink()
+    exported, tokenizer = load_model(out)
+    ids = torch.tensor([tokenizer("import os").input_ids])
+    with torch.no_grad():
+        for source in (run, older):  # from config.json, and from run.json's preset with config.toml's overrides
+            assert torch.equal(exported(ids).logits, load_run(source)[0](ids).logits)
+
+
+def test_config_json_of_the_run_decides_the_model(tst_run, tmp_path):
+    """config.json (written by training in the run folder and every checkpoint) is the model; run.json's preset is
+    only the fallback for runs written before."""
+    run = Path(shutil.copytree(tst_run, tmp_path / "run"))
+    assert (run / "config.json").is_file() and all((c / "config.json").is_file() for c in run.glob("checkpoints/step-*"))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "preset": "no-such-preset"}))
+    out = export(run, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == model_config("tiny").hidden_size
+
+
+def test_export_loads_in_every_supported_transformers(tst_run, tmp_path):
+    """transformers 5 writes tokenizer_class TokenizersBackend and RoPE only as rope_parameters, which 4.x (the floor
+    in pyproject) cannot load or silently misreads; the export names a class and keys both read."""
+    out = export(tst_run, tmp_path / "hf")
+    tokenizer_class = json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer_class == PORTABLE_TOKENIZER_CLASS == "PreTrainedTokenizerFast"  # in transformers since 3.x
+    import transformers
+
+    assert hasattr(transformers, tokenizer_class)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    floor = os.environ.get("SUPERPOSE_TRANSFORMERS_FLOOR")  # site folder of transformers 4.56 (+ tokenizers 0.22)
+    if floor is None:
+        pytest.skip("set SUPERPOSE_TRANSFORMERS_FLOOR to load the export with the lowest supported transformers")
+    code = f"import sys; sys.path.insert(0, {floor!r})\n" + CLEAN_LOAD.format(src=str(SRC), out=str(out), text="x = 1")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be created in: read-only permissions, or /sys where root ignores them."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / "probe").mkdir()
+        except OSError:
+            yield candidate
+            break
+        shutil.rmtree(candidate / "probe")
+    else:
+        pytest.skip("no read-only folder available")
+    folder.chmod(0o755)
+
+
+def test_export_into_read_only_folder(tst_run, read_only_dir, capsys):
+    msg = run_error(capsys, ["export", str(tst_run), "--out", str(read_only_dir / "superpose-model")])
+    assert "cannot write export" in msg
+
+
+def test_eval_into_read_only_folder(tst_run, read_only_dir, embedded_data, capsys):
+    msg = run_error(capsys, ["eval", str(tst_run), "--tasks", "none", "--data", str(embedded_data),
+                             "--output", str(read_only_dir / "superpose-eval.json")])
+    assert "cannot write" in msg
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    return export(trained_run("tst"), tmp_path_factory.mktemp("export") / "hf")
+
+
+def deploy_command(command: str, source: Path, data: Path) -> list[str]:
+    """The cheapest call of each command that loads ``source``."""
+    if command == "eval":
+        return ["eval", str(source), "--tasks", "none", "--data", str(data), "--seq-len", "8", "--val-batches", "1"]
+    if command == "generate":
+        return ["generate", str(source), "--max-new-tokens", "1"]
+    return ["export", str(source), "--out", str(source.parent / "out")]
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_damaged_export_folder(exported, embedded_data, tmp_path, capsys, command, damaged):
+    folder = Path(shutil.copytree(exported, tmp_path / "hf"))
+    truncate(folder / damaged)
+    msg = run_error(capsys, deploy_command(command, folder, embedded_data))
+    assert damaged in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no results written
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "eval"])
+def test_truncated_run_json(tst_run, embedded_data, tmp_path, capsys, command):
+    run = Path(shutil.copytree(tst_run, tmp_path / "run"))
+    truncate(run / "run.json")
+    msg = run_error(capsys, deploy_command(command, run, embedded_data))
+    assert "run.json is corrupt" in msg
+    assert not (tmp_path / "out").exists() and not (run / "eval.json").exists()

@@ -1,37 +1,85 @@
 """From a run to a plain Hugging Face model folder, and back into memory for generation and evaluation.
 
 Nothing of TST survives training: a checkpoint holds the weights of an ordinary ``transformers`` causal LM. Export is
-therefore build the run's preset, load the weights, attach the data's tokenizer, ``save_pretrained``. The folder
-(``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) loads with
-``AutoModelForCausalLM`` and ``AutoTokenizer`` alone: no superpose, no ``trust_remote_code``.
+therefore build the run's model from its config, load the weights, attach the data's tokenizer, ``save_pretrained``.
+The folder (``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) loads with
+``AutoModelForCausalLM`` and ``AutoTokenizer`` alone: no superpose, no ``trust_remote_code``, and every
+``transformers`` version the package supports (4.56 and later), not only the one that wrote it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
 from .data.tokenizer import eos_id, load_tokenizer
 from .errors import SuperposeError
-from .models import build_model
+from .files import atomic_dir, first_line, require_empty
+from .models import build_model, model_config
 from .train.checkpoint import load_checkpoint, resolve_checkpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"""The tokenizer class an export names: transformers 4.x and 5.x both have it (5.x's own ``TokenizersBackend``,
+which ``save_pretrained`` writes, does not exist in 4.x)."""
 
 
 def hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
     """The data's tokenizer as a ``transformers`` tokenizer; EOS (which separates documents) also pads."""
     eos = tokenizer.id_to_token(eos_id(tokenizer))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, model_max_length=max_length)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a truncated or foreign file is a one-line error naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SuperposeError(f"{path} is corrupt: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise SuperposeError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def run_model_config(checkpoint: Path, run_dir: Path) -> PretrainedConfig:
+    """The transformers config a run trained: the checkpoint's or the run's ``config.json``, else (runs written
+    before training saved it) the preset and vocabulary of ``run.json`` with the shape overrides of ``config.toml``."""
+    for folder in (checkpoint, run_dir):
+        if (folder / "config.json").is_file():
+            _read_json(folder / "config.json")  # a truncated file names itself, not a transformers internal
+            try:
+                return AutoConfig.from_pretrained(folder)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SuperposeError(f"{folder / 'config.json'} is not a transformers config: "
+                                     f"{first_line(e)}") from None
+    info = _read_json(run_dir / "run.json")
+    if not isinstance(info.get("preset"), str) or not isinstance(info.get("vocab_size"), int):
+        raise SuperposeError(f"{run_dir / 'run.json'} is corrupt: it lacks preset and vocab_size")
+    overrides: dict[str, Any] = {}
+    if (run_dir / "config.toml").is_file():
+        try:
+            overrides = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {}).get("overrides", {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SuperposeError(f"{run_dir / 'config.toml'} is corrupt: {first_line(e)}") from None
+    return model_config(info["preset"], info["vocab_size"], **overrides)
 
 
 def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -43,8 +91,8 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-NNNNNNN
     if not (run_dir / "run.json").is_file() or not (run_dir / "tokenizer.json").is_file():
         raise SuperposeError(f"{run_dir} is not a complete run folder (needs run.json and tokenizer.json)")
-    info = json.loads((run_dir / "run.json").read_text())
-    model = build_model(info["preset"], info["vocab_size"])
+    _read_json(run_dir / "run.json")  # the marker of a run: a damaged one is reported even when config.json exists
+    model = build_model(run_model_config(checkpoint, run_dir))
     load_checkpoint(checkpoint, model, None)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
     eos = eos_id(tokenizer)
@@ -55,40 +103,74 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     return model.eval(), hf_tokenizer(tokenizer, model.config.max_position_embeddings)
 
 
+def is_export(path: Path) -> bool:
+    """An exported model folder: a ``config.json`` that is neither a run's nor a checkpoint's copy."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "run.json").exists() and not (path / "state.json").exists()
+
+
+def load_export(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """An exported folder in eval mode; a damaged file (truncated weights, config or tokenizer) is one line."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            _read_json(folder / name)
+    # from_pretrained reports damage with many exception types (tokenizers raises a bare Exception), so any error
+    # while loading is a damaged folder. The tokenizer goes first: it is cheap, and the model prints progress.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise SuperposeError(f"cannot load the tokenizer in {folder} (tokenizer.json damaged?): "
+                             f"{first_line(e)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    except Exception as e:
+        raise SuperposeError(f"cannot load the model in {folder} (model.safetensors or config.json damaged?): "
+                             f"{first_line(e)}") from None
+    return model, tokenizer
+
+
 def load_model(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """An exported folder (``config.json``), a run folder or a checkpoint -> model and tokenizer, in eval mode."""
+    """An exported folder, a run folder or a checkpoint -> model and tokenizer, in eval mode."""
     source = Path(source)
-    if (source / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
-    return load_run(source)
+    return load_export(source) if is_export(source) else load_run(source)
 
 
-def _check_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SuperposeError(f"export target {out} exists and is not empty")
+def _portable(out: Path, config: PretrainedConfig) -> None:
+    """Make a folder written by this transformers loadable by every supported one.
+
+    transformers 5 writes ``tokenizer_class: TokenizersBackend`` and keeps RoPE settings only in ``rope_parameters``;
+    4.x knows neither, so it would fail on the tokenizer and silently fall back to its default ``rope_theta``.
+    """
+    path = out / "tokenizer_config.json"
+    tokenizer_config = _read_json(path)
+    tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        path = out / "config.json"
+        saved = _read_json(path)
+        saved.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            saved.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out: str | Path) -> Path:
     """Write a Hugging Face folder atomically: into a temporary sibling, renamed into place when complete."""
     out = Path(out)
-    _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    require_empty(out, "export target")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _portable(tmp, model.config)
+    except (OSError, SafetensorError) as e:  # a read-only or full disk; nothing is left at ``out``
+        raise SuperposeError(f"cannot write export {out}: {getattr(e, 'strerror', None) or first_line(e)}") from None
     return out
 
 
 def export(source: str | Path, out: str | Path) -> Path:
     """``superpose export``: a run or checkpoint -> a plain Hugging Face model folder at ``out``."""
-    _check_target(Path(out))  # before the (possibly slow) model load
+    require_empty(Path(out), "export target")  # before the (possibly slow) model load
     model, tokenizer = load_run(source)
     return save_hf(model, tokenizer, out)
