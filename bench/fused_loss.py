@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from superpose.losses import chunked_multi_hot_cross_entropy
+from superpose.provenance import provenance
 
 VARIANTS = ("fused", "fused_eager", "previous", "standard_ce")
 
@@ -230,13 +230,6 @@ def measure(bag: int, args: argparse.Namespace) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bags", type=int, nargs="+", default=[1, 4, 16])
@@ -272,11 +265,7 @@ def main() -> None:
     result = {
         "command": shlex.join(["python", "bench/fused_loss.py", *sys.argv[1:]]),
         "provenance": {
-            "date_utc": started.isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
+            **provenance(),
             "torch_threads_per_process": args.threads,
             "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),

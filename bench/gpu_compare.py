@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gpu_throughput import gpu_environment
-from superpose.compare.report import provenance
+from superpose.provenance import provenance
 from superpose.data.prepare import prepare
 from superpose.errors import SuperposeError
 from superpose.train.config import load_config

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from superpose import method
-from superpose.compare.report import provenance
+from superpose.provenance import provenance
 from superpose.flops import flops_per_step, mfu, peak_bf16_flops
 from superpose.models import get_preset, parameter_counts
 from superpose.train.config import load_config

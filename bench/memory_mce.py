@@ -30,6 +30,12 @@ def _status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+def _provenance() -> dict:
+    from superpose.provenance import provenance  # here, not at the top: a worker measures memory before torch loads
+
+    return provenance()
+
+
 def worker(variant: str, bag: int, batch: int, length: int, dim: int, vocab: int, chunk_size: int) -> dict:
     """Run one forward+backward of ``variant`` and return its peak bytes above the post-setup baseline."""
     import torch
@@ -106,6 +112,7 @@ def main() -> None:
     positions = args.batch_size * args.seq_len
     result = {
         "command": shlex.join(["python", "bench/memory_mce.py", *sys.argv[1:]]),
+        "provenance": _provenance(),
         "measure": "peak RSS above the post-setup baseline of a fresh process (VmHWM - VmRSS), one forward+backward",
         "shape": {"positions": positions, "batch_size": args.batch_size, "seq_len": args.seq_len, "dim": args.dim,
                   "vocab": args.vocab, "chunk_size": args.chunk_size},

@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from superpose.provenance import provenance
 from superpose.train.config import config_from_dict
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
@@ -78,7 +79,7 @@ def main() -> None:
               f"{r['baseline']['step_time_s'] * 1e3:.1f} ms (ratio {r['step_time_ratio']:.3f}, target <= 1.03); "
               f"text tokens/s ratio {r['text_tokens_per_s_ratio']:.2f} (bag {r['bag']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps({"provenance": provenance(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

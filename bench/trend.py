@@ -18,6 +18,7 @@ from typing import Any
 
 from superpose.compare import compare, variants_for, write_report
 from superpose.plots import plot_trend
+from superpose.provenance import provenance
 from superpose.train.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def summarize(out: Path) -> None:
     studies: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(out.glob("trend-*.json")):  # trend-STUDY.json or trend-STUDY-PART.json
         studies.setdefault(path.stem.split("-")[1], []).extend(json.loads(path.read_text()))
-    (out / "trend.json").write_text(json.dumps(studies, indent=2))
+    (out / "trend.json").write_text(json.dumps({"provenance": provenance(), **studies}, indent=2))
     panels = []
     for study, key, xlabel in (("steps", "steps", "run length (optimizer steps), tiny preset, s=4 r=0.3"),
                                ("width", "width", "hidden size (4 layers, 150 steps), s=4 r=0.3")):

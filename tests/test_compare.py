@@ -198,8 +198,8 @@ def test_derive_changes_only_what_it_is_given(tiny_config, tmp_path):
     ({"warmup_steps": 5}, (0.5, 1.0), 0.5),  # 6 steps decay from step 5, inside the warmup
     ({"warmup_steps": 4}, (0.5, 1.0), None),
     ({"warmup_steps": 4, "decay_fraction": 0.5}, (0.5, 1.0), 0.5),  # decay from step 3
-    ({"warmup_steps": 6, "schedule": "cosine"}, (0.5, 1.0, 2.0), 0.5),  # cosine: the warmup fills the whole run
-    ({"warmup_steps": 5, "schedule": "cosine"}, (0.5, 1.0, 2.0), None),
+    ({"warmup_steps": 6, "lr_schedule": "cosine"}, (0.5, 1.0, 2.0), 0.5),  # cosine: the warmup fills the whole run
+    ({"warmup_steps": 5, "lr_schedule": "cosine"}, (0.5, 1.0, 2.0), None),
 ])
 def test_a_member_whose_warmup_does_not_fit_is_refused(tiny_config, optim, multiples, refused):
     base = tiny_config("w", optim=optim)  # 12 steps, WSD 20% unless said

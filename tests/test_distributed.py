@@ -4,9 +4,11 @@ sharded during accumulation; DCP checkpoints resume at any world size (torchrun 
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,29 @@ def test_one_process_checkpoint_resumes_on_two_ranks(runs):
     single = make_tiny_config(cfg.data.path, cfg.out_dir, "single")
     torchrun(path, f"--resume={single.run_dir / 'checkpoints' / 'step-0000004'}")
     assert_same_losses(rows(cfg.run_dir), [r for r in reference if r["step"] > 4])
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes_exactly(runs):
+    """SIGTERM as SLURM delivers it (to torchrun, which passes it to each worker once): the ranks agree to stop,
+    write one checkpoint, exit 143; a --resume gives the uninterrupted losses."""
+    config, reference = runs
+    cfg, path = config("terminated", train={"parallel": "fsdp", "micro_batch_size": 1})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--shutdown-timeout=120", "-m", "superpose", "train", str(path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = cfg.run_dir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    done = rows(cfg.run_dir)[-1]["step"]
+    if done < 12:  # the usual case: the signal arrived mid-run
+        assert "SIGTERM: stopped after step" in out + err, err[-2000:]
+        assert "exitcode  : 143" in err or "exit code 143" in err or proc.returncode != 0
+        assert list_checkpoints(cfg.run_dir)[-1].name == f"step-{done:07d}"
+        torchrun(path, "--resume")
+    assert_same_losses(rows(cfg.run_dir), reference)
 
 
 def test_moe_trains_under_fsdp(runs):

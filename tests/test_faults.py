@@ -154,7 +154,7 @@ def test_nonfinite_weights_never_reach_the_model(tiny_config, monkeypatch):
 def test_stop_policy_checkpoints_last_good_state(tiny_config, monkeypatch):
     poison(monkeypatch, {5})
     cfg = tiny_config(train={"nonfinite": "stop"})
-    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 5") as e:
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient by step 5") as e:
         train(cfg, progress=False)
     assert e.value.exit_code == 3
     assert list_checkpoints(cfg.run_dir)[-1].name == "step-0000005"

@@ -4,19 +4,14 @@ plots), ``report.json`` (the same numbers, the config and where they came from) 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
 from dataclasses import asdict
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from .. import plots
+from ..provenance import provenance
 from .isoloss import format_speedup
 from .runs import Comparison, Member
 
@@ -41,51 +36,6 @@ SPIKE_NOTE = (
     "validation excess has halved / reached 0, to the resolution of eval.every (– = not within the run); final gap: "
     "the excess at the end."
 )
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    """The commit superpose runs from (``-dirty`` with uncommitted changes); None unless this file is tracked by
-    the enclosing git checkout (an install inside another project's repository is not a superpose checkout)."""
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-
-    try:
-        if git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
-            return None
-        out = git("describe", "--always", "--dirty", "--abbrev=12")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def provenance() -> dict[str, Any]:
-    """Where and with what a report's numbers were made: date, package versions, Python, CPU and GPU models."""
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {name: _version(name) for name in ("superpose", "torch", "transformers")},
-        "commit": _git_commit(),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-    }
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -210,7 +160,7 @@ def write_report(comparison: Comparison, out: Path, title: str, command: str,
                  extra_md: str = "", extra_plots: Sequence[str] = ()) -> Path:
     """Write report.md, report.json and the PNG plots into ``out``; returns the report.md path."""
     out.mkdir(parents=True, exist_ok=True)
-    made = provenance()
+    made = provenance(command)
     files = [str(f) for f in _plots(comparison, out)] + list(extra_plots)
     (out / "report.json").write_text(json.dumps(report_json(comparison, title, command, made), indent=2))
     path = out / "report.md"

@@ -349,12 +349,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = (), world_size: int = 1) -> RunConfig:
-    data = apply_overrides(data, list(overrides))
-    tst = data.get("tst", {})
+def _one_bag_choice(tst: Any, where: str) -> None:
+    """``tst.schedule`` replaces ``tst.bag``/``tst.ratio``: one source (the file, or the overrides) gives one."""
     if isinstance(tst, dict) and tst.get("schedule") and ("bag" in tst or "ratio" in tst):
-        raise SuperposeError("tst.schedule replaces tst.bag/tst.ratio; give one or the other")
-    return _from_dict(RunConfig, data).validate(world_size)
+        raise SuperposeError(f"tst.schedule replaces tst.bag/tst.ratio; give one or the other ({where})")
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), world_size: int = 1) -> RunConfig:
+    """A validated config from a raw table and command-line overrides; the overrides' bag choice replaces the
+    file's (``tst.schedule=...`` over a file's bag/ratio, or ``tst.bag=...`` over a file's schedule)."""
+    _one_bag_choice(data.get("tst"), "in the config")
+    given = apply_overrides({}, list(overrides)).get("tst", {})
+    _one_bag_choice(given, "in the overrides")
+    tst = data.get("tst")
+    if isinstance(tst, dict) and isinstance(given, dict):
+        if given.get("schedule"):
+            data = {**data, "tst": {k: v for k, v in tst.items() if k not in ("bag", "ratio")}}
+        elif "bag" in given or "ratio" in given:
+            data = {**data, "tst": {k: v for k, v in tst.items() if k != "schedule"}}
+    return _from_dict(RunConfig, apply_overrides(data, list(overrides))).validate(world_size)
 
 
 def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> RunConfig:
