@@ -1,7 +1,5 @@
-"""The switch-softening options (off by default): LR re-warmup after a bag switch, bag means rescaled in norm,
-and a width override of a preset from the config."""
-
-import json
+"""The switch-softening options (off by default): LR re-warmup after a bag switch, bag means rescaled in norm.
+(A width override of a preset trains and exports: tests/test_export.py.)"""
 
 import pytest
 import torch
@@ -41,10 +39,3 @@ def test_options_reach_the_trainer(tiny_config, trained_run):
     lr, base_lr = ({r["step"]: r["lr"] for r in rows} for rows in (soft, plain))
     assert [lr[s] / base_lr[s] for s in (6, 7, 8, 9)] == pytest.approx([1, 1 / 3, 2 / 3, 1])  # switch at step 7
     assert soft[0]["train_loss"] != plain[0]["train_loss"]  # rescaled bag means from the first step
-
-
-def test_width_override_from_the_config(tiny_config):
-    result = train(tiny_config("wide", model={"preset": "tiny", "overrides": {"hidden_size": 64,
-                                                                               "intermediate_size": 192}},
-                               train={"steps": 2}, optim={"warmup_steps": 0}), progress=False)
-    assert json.loads((result.run_dir / "run.json").read_text())["parameters"] < 400_000

@@ -127,8 +127,9 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes_exactly(runs):
     out, err = proc.communicate(timeout=300)
     done = rows(cfg.run_dir)[-1]["step"]
     if done < 12:  # the usual case: the signal arrived mid-run
-        assert "SIGTERM: stopped after step" in out + err, err[-2000:]
-        assert "exitcode  : 143" in err or "exit code 143" in err or proc.returncode != 0
+        # rank 0's own words (the CLI then exits 143); torchrun itself ends on its SignalException
+        assert f"stopped by SIGTERM after {done} steps; a checkpoint was saved" in out, err[-2000:]
+        assert proc.returncode != 0
         assert list_checkpoints(cfg.run_dir)[-1].name == f"step-{done:07d}"
         torchrun(path, "--resume")
     assert_same_losses(rows(cfg.run_dir), reference)
@@ -150,10 +151,11 @@ BAGS = (4, 4, 1)  # three steps across a phase switch
 BATCH = 8
 
 
-def module_config(model=None, **train):
+def module_config(model=None, world_size=1, **train):
     return config_from_dict({"model": model or {"preset": "tiny"}, "tst": {"bag": 4, "ratio": 0.5},
                              "optim": {"lr": 3e-3, "warmup_steps": 0},
-                             "train": {"batch_size": BATCH, "seq_len": 16, "device": "cpu", **train}})
+                             "train": {"batch_size": BATCH, "seq_len": 16, "device": "cpu", **train}},
+                            world_size=world_size)
 
 
 def global_window(step, bag):
@@ -184,7 +186,7 @@ def held_gradient_bytes(module):
 
 def train_scenario(info, **train):
     """Init weights, three steps (recording gradient bytes between micro-batches), one distributed eval."""
-    module = TrainModule(module_config(**train), VOCAB, torch.device("cpu"), info)
+    module = TrainModule(module_config(world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
     out = {"init": full_weights(module), "losses": [], "held": [],
            "full_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
     local = BATCH // info.world_size
@@ -216,7 +218,7 @@ def build_memory_scenario(info, model, vocab=VOCAB, **train):
 def interrupt_scenario(info, **train):
     """SIGTERM reaches rank 0 only, during micro-batch 2: the ranks agree, abandon the step at the same micro-batch,
     and the step run again afterwards is the one an uninterrupted run takes."""
-    module = TrainModule(module_config(**train), VOCAB, torch.device("cpu"), info)
+    module = TrainModule(module_config(world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
     local = BATCH // info.world_size
     rows = slice(info.rank * local, (info.rank + 1) * local)
     asked = []
@@ -296,8 +298,8 @@ def test_ddp_matches_one_process(one_process, tmp_path):
 
 def test_sharded_build_holds_a_fraction_of_host_memory(tmp_path):
     """Built on meta, sharded, then materialised: each of 2 ranks adds about half of what one process adds."""
-    model = {"preset": "small", "overrides": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-                                              "intermediate_size": 1536}}  # 29M parameters: 112 MiB in fp32
+    model = {"preset": "small", "overrides": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                                              "intermediate_size": 2048}}  # 85M parameters: 0.3 GiB in fp32
     (tmp_path / "one").mkdir()
     (single,) = spawn(1, tmp_path / "one", "build_memory", model=model)
     sharded = spawn(2, tmp_path, "build_memory", model=model, parallel="fsdp")

@@ -63,7 +63,8 @@ def test_stop_strings_end_the_continuation_before_them(loaded):
 
 def test_generate_cli_prints_prompt_and_continuation(tst_run, capsys):
     assert main(["generate", str(tst_run), "--prompt", "class ", "--max-new-tokens", "4", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("class ")
+    expected = generate(tst_run, "class ", Sampling(4, 0.0, 0.95, 0, 1.0, 1, (), 0), "cpu")[0]
+    assert expected and capsys.readouterr().out == "class " + expected + "\n"  # the prompt, then the greedy text
     assert main(["generate", str(tst_run), "--prompt", "class ", "--max-new-tokens", "4", "--num-samples", "2",
                  "--top-k", "5", "--repetition-penalty", "1.2", "--stop", "\n"]) == 0
     lines = capsys.readouterr().out.splitlines()

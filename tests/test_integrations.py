@@ -270,7 +270,13 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert not (tmp_path / "tb").exists()
 
 
-def test_log_section_in_config(tiny_config):
-    cfg = tiny_config(log={"wandb": True, "wandb_project": "p"})
-    assert (cfg.log.wandb, cfg.log.wandb_project, cfg.log.tensorboard) == (True, "p", True)
-    assert "[log]" in cfg.to_toml()
+def test_log_section_controls_the_sinks(tiny_config, monkeypatch):
+    from superpose.train.loop import train
+
+    quiet = train(tiny_config("no-tb", train={"steps": 2}, optim={"warmup_steps": 0}, log={"tensorboard": False}),
+                  progress=False)
+    assert (quiet.run_dir / "metrics.jsonl").is_file() and not (quiet.run_dir / "tb").exists()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SuperposeError, match=r"log.wandb: wandb is not installed \(pip install 'superpose\[wandb\]'\)"):
+        tiny_config(log={"wandb": True})
