@@ -2,6 +2,7 @@
 a full disk that loses nothing, and a log a person can read."""
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from superpose.errors import SuperposeError
@@ -65,3 +66,36 @@ def test_log_lines_and_grouped_dashboard_tags(tiny_config, capsys):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "eval/loss", "tst/bag", "perf/text_tokens_per_s", "train/lr"} <= tags
     assert [e.value for e in events.Scalars("tst/bag")] == [4] * 6 + [1] * 6
+
+
+def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_config, monkeypatch):
+    """The whole loop (loader, prefetch, step, policy, stop check) on a step that logs nothing: no host read, so on
+    a GPU the host runs ahead of the device. Logged steps are the switch, the one after it and the last."""
+    from superpose.train.loop import Trainer
+    from test_step import HOST_READS
+
+    reads, quiet_steps, counting = [], [], [False]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            if counting[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real = Trainer._train_one
+
+    def train_one(self, step, *args):
+        counting[0] = not self._is_logged(step + 1)
+        quiet_steps.extend([step + 1] if counting[0] else [])
+        try:
+            return real(self, step, *args)
+        finally:
+            counting[0] = False
+
+    monkeypatch.setattr(Trainer, "_train_one", train_one)
+    cfg = tiny_config(train={"log_every": 12}, eval={"every": 0}, checkpoint={"every": 0})
+    train(cfg, progress=False)
+    assert quiet_steps == [1, 2, 3, 4, 5, 8, 9, 10, 11] and reads == []
+    assert [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")] == [6, 7, 12]
