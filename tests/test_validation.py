@@ -238,3 +238,69 @@ def test_no_unsafe_deserialisation_anywhere():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
         assert "trust_remote_code=True" not in text, path
+
+
+OVERRIDE_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "rope_theta",
+                 "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "bogus"]
+override_values = st.one_of(st.integers(-2, 40), st.floats(-1, 1e6), st.just(float("nan")), st.booleans(),
+                            st.text(max_size=3), st.none())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["tiny", "tiny-moe"]), st.dictionaries(st.sampled_from(OVERRIDE_KEYS), override_values, max_size=4))
+def test_random_model_overrides_are_refused_in_one_line_or_build_and_run(preset, overrides):
+    """A validated override builds a model whose forward runs and gives finite logits."""
+    from superpose.models import build_model, use_causal_sdpa
+
+    try:
+        config_from_dict({"model": {"preset": preset, "overrides": overrides}})
+        model = build_model(preset, 64, **overrides)
+    except SuperposeError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    use_causal_sdpa(model)  # as the trainer runs it
+    logits = model(input_ids=torch.zeros(1, 5, dtype=torch.long)).logits
+    assert logits.shape == (1, 5, 64) and torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def finished_checkpoint(embedded_data, tmp_path_factory):
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config(embedded_data, tmp_path_factory.mktemp("ckpt"), "ckpt", train={"steps": 2},
+                           optim={"warmup_steps": 0})
+    train(cfg, progress=False)
+    return cfg, cfg.run_dir / "checkpoints" / "step-0000002"
+
+
+state_values = st.one_of(st.integers(-3, 10**6), st.floats(allow_nan=True), st.text(max_size=4), st.none(),
+                         st.booleans(), st.lists(st.integers(0, 3), max_size=2),
+                         st.dictionaries(st.sampled_from(["seed", "position", "batch_size", "x"]), st.integers(-1, 99),
+                                         max_size=3))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.dictionaries(st.sampled_from(["step", "text_tokens", "flops", "wall_time", "skipped",
+                                              "skipped_in_row", "loader", "sha256", "keep_always"]), state_values,
+                             min_size=1, max_size=3))
+def test_random_state_json_contents_resume_or_are_one_line_errors(finished_checkpoint, tmp_path_factory, edits):
+    """Whatever a state.json holds, reading a checkpoint for a resume either works or names the problem in a line."""
+    from superpose.models import build_model
+    from superpose.train.checkpoint import load_checkpoint
+    from superpose.train.state import TrainState
+
+    cfg, pristine = finished_checkpoint
+    ckpt = tmp_path_factory.mktemp("edited") / pristine.name
+    shutil.copytree(pristine, ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, **edits}))
+    model = build_model("tiny", 512, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    try:
+        saved = load_checkpoint(ckpt, model, optimizer)
+        progress = TrainState.from_state_dict(saved, "edited")
+        loader = WindowLoader(open_dataset(cfg.data.path).split("train"), cfg.train.batch_size, cfg.seed)
+        loader.load_state_dict(progress.loader)
+    except SuperposeError as e:
+        assert "\n" not in str(e) and str(e)

@@ -230,6 +230,40 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_MAY_BE_ZERO = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "router_aux_loss_coef"}
+"""Overrides where 0 means "none" (a dense model, no router loss); every other size must be positive."""
+
+
+def _checked_override(name: str, value: object) -> object:
+    """An override of the type its Preset field has (ints for sizes, finite floats, bools), or a one-line error."""
+    kind = {f.name: str(f.type) for f in dataclasses.fields(Preset)}[name]
+    low = 0 if name in _MAY_BE_ZERO else 1
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SuperposeError(f"model.overrides.{name}: must be true or false, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith("int"):
+        if value is None and "None" in kind:
+            return value
+        if not (number and isinstance(value, int) and value >= low):
+            raise SuperposeError(f"model.overrides.{name}: must be an integer >= {low}, got {value!r}")
+        return value
+    if not (number and math.isfinite(value) and (value > 0 or (low == 0 and value == 0))):
+        raise SuperposeError(f"model.overrides.{name}: must be a finite number {'>= 0' if low == 0 else '> 0'}, "
+                             f"got {value!r}")
+    return float(value)
+
+
+def _check_moe_shape(p: Preset) -> None:
+    """Experts run as grouped matmuls, which need 16-byte-aligned rows: widths a multiple of 8 (bf16)."""
+    for name in ("hidden_size", "moe_intermediate_size"):
+        value = getattr(p, name)
+        if value < 1 or value % 8:
+            raise SuperposeError(f"model.overrides.{name}: a mixture-of-experts model needs a positive multiple of 8 "
+                                 f"(its experts run as grouped matmuls), got {value}")
+
+
 def get_preset(preset: str, vocab_size: int | None = None, **overrides: object) -> Preset:
     """Look up a preset and apply the vocabulary and shape overrides, rejecting unknown names early."""
     if preset not in PRESETS:
@@ -239,7 +273,7 @@ def get_preset(preset: str, vocab_size: int | None = None, **overrides: object) 
         raise SuperposeError(
             f"unknown model override(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_OVERRIDABLE))}"
         )
-    p = dataclasses.replace(PRESETS[preset], **overrides)
+    p = dataclasses.replace(PRESETS[preset], **{k: _checked_override(k, v) for k, v in overrides.items()})
     if vocab_size is not None:
         p = dataclasses.replace(p, vocab_size=vocab_size)
     if p.vocab_size < 1:
@@ -249,11 +283,16 @@ def get_preset(preset: str, vocab_size: int | None = None, **overrides: object) 
             f"hidden_size {p.hidden_size} is not divisible by num_attention_heads {p.num_attention_heads}; "
             "set head_dim explicitly"
         )
+    if p.resolved_head_dim % 2:
+        raise SuperposeError(f"model.overrides: the head width must be even for rotary embeddings, got "
+                             f"{p.resolved_head_dim} (head_dim, or hidden_size / num_attention_heads)")
     if p.num_attention_heads % p.num_key_value_heads:
         raise SuperposeError(
             f"num_attention_heads {p.num_attention_heads} is not a multiple of "
             f"num_key_value_heads {p.num_key_value_heads}"
         )
+    if p.family == "qwen3_moe":
+        _check_moe_shape(p)
     if p.family == "qwen3_moe" and not 0 < p.num_experts_per_tok <= p.num_experts:
         raise SuperposeError(
             f"num_experts_per_tok must be in 1..num_experts ({p.num_experts}), got {p.num_experts_per_tok}"

@@ -19,6 +19,7 @@ import tomli_w
 
 from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
+from ..models import get_preset
 from ..schedule import PhaseSchedule, Stage, two_phase_stages, wsd_decay_start
 
 if sys.version_info >= (3, 11):
@@ -36,11 +37,6 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-# Shape fields of a transformers config that must be positive integers (sizes, counts, head_dim).
-def _is_size_key(key: str) -> bool:
-    return key.endswith("_size") or key.startswith("num_") or key in ("head_dim", "max_position_embeddings")
-
-
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -49,10 +45,7 @@ class ModelConfig:
     """Preset shape fields to change, e.g. ``{hidden_size = 256, intermediate_size = 768}`` (width studies)."""
 
     def validate(self) -> None:
-        for key, value in self.overrides.items():
-            if _is_size_key(key):
-                _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                         f"model.overrides.{key}: must be a positive integer, got {value!r}")
+        get_preset(self.preset, **self.overrides)  # a known preset, overrides of the right types and ranges
 
 
 @dataclass
