@@ -65,6 +65,65 @@ def rows(loader: WindowLoader, windows: list[int]) -> np.ndarray:
     return torch.cat([loader.next_batch(w) for w in windows], dim=1).numpy()
 
 
+def assert_contiguous(batch: np.ndarray) -> None:
+    """On the counting stream a window is contiguous text when its values step by one (cyclically)."""
+    np.testing.assert_array_equal(np.diff(batch, axis=1) % N_TRAIN, 1)
+
+
+def passes(stream: TokenStream, batch_size: int, seed: int, windows: list[int], cut: int | None = None,
+           world: int = 1) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[dict], list[bool]]:
+    """Run a loader over ``windows`` (resumed at call ``cut`` on ``world`` ranks, each reading only its lanes).
+
+    Returns the global batches and, per pass: its windows (a batch that straddles two passes is split using the
+    public state), the last state seen in it (with a level the ending call opened), and whether a longer window
+    ended it early.
+    """
+    loaders = [WindowLoader(stream, batch_size, seed)]
+    batches: list[np.ndarray] = []
+    by_pass: list[list[np.ndarray]] = [[]]
+    last: list[dict] = [{"levels": []}]
+    grown: list[bool] = []
+    for i, w in enumerate(windows):
+        if i == cut:
+            state = json.loads(json.dumps(loaders[0].state_dict()))  # plain ints survive a checkpoint round trip
+            share = -(-batch_size // world)
+            loaders = [WindowLoader(stream, batch_size, seed, lanes=range(r * share, min(batch_size, (r + 1) * share)))
+                       for r in range(world) if r * share < batch_size]
+            for loader in loaders:
+                loader.load_state_dict(state)
+        before, prev = loaders[0].epoch, last[-1]["levels"]
+        batch = np.concatenate([loader.next_batch(w).numpy() for loader in loaders])  # the ranks' rows, in rank order
+        assert batch.shape == (batch_size, w) and len({loader.epoch for loader in loaders}) == 1
+        state = loaders[0].state_dict()
+        batches.append(batch)
+        if loaders[0].epoch == before:
+            by_pass[-1].extend(batch)
+            last[-1] = state
+            continue
+        assert loaders[0].epoch == before + 1
+        grew = bool(prev) and w > prev[-2]
+        if prev and w < prev[-2]:
+            last[-1] = {**last[-1], "levels": prev + [w, 0]}
+        old = 0 if grew else batch_size - (state["levels"][-1] if state["levels"] else 0)
+        by_pass[-1].extend(batch[:old])
+        by_pass.append(list(batch[old:]))
+        last.append(state)
+        grown.append(grew)
+    return batches, by_pass, last, grown
+
+
+def unread_by_guarantee(state: dict) -> int:
+    """Tokens a pass that ran to its end leaves unread, by the stated guarantee, from the last state seen in it:
+    ``len % w0`` of the rotation, plus ``w % w'`` of every window still unread at a shrink from ``w`` to ``w'``."""
+    flat = state["levels"]
+    levels = [flat[i : i + 2] for i in range(0, len(flat), 2)]
+    left, count = N_TRAIN % levels[0][0], N_TRAIN // levels[0][0]
+    for (w_up, read_up), (w, _) in zip(levels, levels[1:]):
+        left += (count - read_up) * (w_up % w)
+        count = (count - read_up) * (w_up // w)
+    return left
+
+
 def test_batches_have_requested_shape_and_dtype(counting: TokenStream) -> None:
     loader = WindowLoader(counting, 4, seed=0)
     for w in (9, 36, 1):
@@ -72,77 +131,70 @@ def test_batches_have_requested_shape_and_dtype(counting: TokenStream) -> None:
         assert batch.shape == (4, w) and batch.dtype == torch.int64
 
 
-def test_lanes_read_contiguous_text_across_window_lengths(counting: TokenStream) -> None:
-    loader = WindowLoader(counting, 4, seed=0)
-    lane_len = N_TRAIN // 4
-    got = rows(loader, [9, 9, 36, 9])
-    starts = got[:, 0]
-    for b in range(4):
-        # row b is one contiguous (cyclic) run of the stream ...
-        np.testing.assert_array_equal(got[b], (starts[b] + np.arange(63)) % N_TRAIN)
-        # ... starting one lane after row b-1
-        assert (starts[b] - starts[0]) % N_TRAIN == b * lane_len
-        assert starts[b] == loader.lane_starts[b]
-    assert loader.tokens_consumed == 4 * 63
-
-
-def test_windows_decode_to_the_original_text(text_dataset) -> None:
+def test_windows_are_contiguous_text_that_decodes_to_the_original(text_dataset) -> None:
     ds, docs = text_dataset
     stream = ds.split("train")
+    whole = stream.read(0, len(stream))
     loader = WindowLoader(stream, 3, seed=5)
-    starts = [int(loader.lane_starts[b]) for b in range(3)]
-    got = rows(loader, [9, 9, 36, 9])
     joined = "".join(docs)
-    for b in range(3):
-        np.testing.assert_array_equal(got[b], np.resize(np.roll(stream.read(0, len(stream)), -starts[b]), 63))
-        text = ds.tokenizer.decode(got[b].tolist(), skip_special_tokens=False)
-        pieces = text.split("<|endoftext|>")
-        assert sum(len(p) for p in pieces) > 100
-        for piece in pieces:
-            assert piece in joined
+    doubled = np.concatenate([whole, whole])  # a window may wrap past the end (at a document boundary)
+    for w in (9, 9, 36, 9):
+        for row in loader.next_batch(w).numpy():
+            assert any(np.array_equal(doubled[s : s + w], row) for s in np.flatnonzero(whole == row[0]))
+            pieces = ds.tokenizer.decode(row.tolist(), skip_special_tokens=False).split("<|endoftext|>")
+            assert all(piece in joined for piece in pieces)
 
 
-def test_a_pass_reads_each_token_exactly_once_then_carries_on(counting: TokenStream) -> None:
+def test_a_pass_reads_every_window_once_in_a_fresh_order_each_pass(counting: TokenStream) -> None:
     loader = WindowLoader(counting, 4, seed=1)
-    assert list(loader.lane_lens) == [250] * 4
-    first = rows(loader, [40] * 6)  # 240 of each lane's 250 tokens
-    assert len(np.unique(first)) == first.size == 4 * 240
-    assert loader.epoch == 0
-    wrapped = loader.next_batch(40).numpy()  # the last 10 tokens of each lane, then its first 30 again
-    assert loader.epoch == 1
-    for b in range(4):
-        lane = (loader.lane_starts[b] + np.arange(250)) % N_TRAIN
-        np.testing.assert_array_equal(wrapped[b], np.concatenate([lane[240:], lane[:30]]))
-    seen = np.concatenate([first.ravel(), wrapped[:, :10].ravel()])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(N_TRAIN))  # every token once: no gap, no overlap
-    assert loader.tokens_consumed == 7 * 4 * 40
-    assert loader.state_dict()["position"] == 280
+    first = np.stack([loader.next_batch(40).numpy() for _ in range(6)])  # 24 of the pass's 25 windows of 40
+    assert_contiguous(first.reshape(-1, 40))
+    assert len(np.unique(first)) == first.size == 960 and loader.epoch == 0
+    straddling = loader.next_batch(40).numpy()  # the pass's last window, then the first 3 of the next pass
+    assert loader.epoch == 1 and loader.state_dict()["levels"] == [40, 3]
+    np.testing.assert_array_equal(np.sort(np.concatenate([first.ravel(), straddling[0]])), np.arange(N_TRAIN))
+    second = np.concatenate([straddling[1:], *[loader.next_batch(40).numpy() for _ in range(6)]])[:25]
+    assert not np.array_equal(second[:, 0], np.concatenate([first.reshape(-1, 40), straddling[:1]])[:, 0])
 
 
-def test_uneven_lanes_drop_nothing(counting: TokenStream) -> None:
-    loader = WindowLoader(counting, 7, seed=2)  # 1000 = 6 lanes of 143 + 1 of 142
-    assert sorted(loader.lane_lens) == [142] + [143] * 6
-    first_pass = loader.offsets(143)
-    seen = np.concatenate([first_pass[b, : loader.lane_lens[b]] for b in range(7)])
-    np.testing.assert_array_equal(np.sort(seen), np.arange(N_TRAIN))
+def test_batches_draw_from_the_whole_stream(counting: TokenStream) -> None:
+    """Unlike lanes (row b inside 1/B of the stream for a whole pass), ten batches of 4 touch every tenth of it."""
+    loader = WindowLoader(counting, 4, seed=2)
+    starts = np.concatenate([loader.next_batch(10).numpy()[:, 0] for _ in range(10)])
+    assert set(starts // 100) == set(range(10))
+    assert not np.array_equal(np.sort(starts[:4]), np.sort(starts[4:8]) - 10)  # not the next windows of the same rows
 
 
-def test_resume_gives_identical_batches(counting: TokenStream) -> None:
-    plan = [9, 36, 9, 100, 9, 36, 120, 9, 36]  # crosses an epoch boundary (lane length 250)
-    straight = WindowLoader(counting, 4, seed=7)
-    expected = [straight.next_batch(w) for w in plan]
+def test_a_shrinking_window_continues_the_pass_over_unread_text(counting: TokenStream) -> None:
+    """The TST switch: (L+1)*s -> L+1 (here 36 -> 9) reads the rest of the pass without touching phase-1 text."""
+    loader = WindowLoader(counting, 4, seed=3)
+    phase1 = np.concatenate([loader.next_batch(36).numpy() for _ in range(3)])
+    phase2 = [loader.next_batch(9).numpy() for _ in range(15)]  # (27 - 12) unread windows of 36 = 60 windows of 9
+    assert loader.epoch == 1 and loader.state_dict()["levels"] == []
+    in_pass = np.concatenate([phase1.ravel(), np.concatenate(phase2).ravel()])
+    assert len(np.unique(in_pass)) == in_pass.size == N_TRAIN - N_TRAIN % 36  # once each; 28 tokens left over ...
+    unread = np.setdiff1d(np.arange(N_TRAIN), in_pass)
+    assert np.count_nonzero(np.diff(unread) != 1) <= 1  # ... in one run (cyclic): the rotation's leftover
+    assert_contiguous(np.concatenate(phase2))
+
+
+def test_a_non_dividing_shrink_and_a_growth(counting: TokenStream) -> None:
+    loader = WindowLoader(counting, 2, seed=4)
+    loader.next_batch(40)  # 2 of 25 windows
+    loader.next_batch(30)  # 23 unread windows of 40, one piece of 30 each (10 tokens of each left over)
+    assert loader.state_dict()["levels"] == [40, 2, 30, 2]
+    loader.next_batch(100)  # growth: the pass ends, a new one begins at 100
+    assert loader.epoch == 1 and loader.state_dict()["levels"] == [100, 2]
+
+
+def test_resume_gives_identical_batches_at_any_world_size(counting: TokenStream) -> None:
+    plan = [36, 36, 36, 9, 9, 100, 9, 36, 9, 9]  # a shrink, a growth (new pass) and more shrinks
+    straight = passes(counting, 4, 7, plan)[0]
     for cut in range(len(plan)):
-        first = WindowLoader(counting, 4, seed=7)
-        for w in plan[:cut]:
-            first.next_batch(w)
-        state = json.loads(json.dumps(first.state_dict()))  # plain ints survive a checkpoint round trip
-        resumed = WindowLoader(counting, 4, seed=7)
-        resumed.load_state_dict(state)
-        for w, want in zip(plan[cut:], expected[cut:]):
-            assert torch.equal(resumed.next_batch(w), want)
-        assert resumed.tokens_consumed == straight.tokens_consumed
-        assert resumed.epoch == straight.epoch == 1
-        assert resumed.position == straight.position
+        for world in (1, 2, 3, 4):
+            resumed = passes(counting, 4, 7, plan, cut=cut, world=world)[0]
+            for want, got in zip(straight, resumed):
+                np.testing.assert_array_equal(got, want)
 
 
 def test_output_is_a_function_of_seed(counting: TokenStream) -> None:
@@ -151,12 +203,22 @@ def test_output_is_a_function_of_seed(counting: TokenStream) -> None:
     assert not torch.equal(a, c)
 
 
-def test_load_state_dict_refuses_other_runs(counting: TokenStream) -> None:
+def test_load_state_dict_refuses_other_runs_and_corrupt_state(counting: TokenStream) -> None:
     state = WindowLoader(counting, 4, seed=0).state_dict()
     with pytest.raises(SuperposeError, match="batch_size 4, but this run has batch_size 2"):
         WindowLoader(counting, 2, seed=0).load_state_dict(state)
     with pytest.raises(SuperposeError, match="seed 0, but this run has seed 1"):
         WindowLoader(counting, 4, seed=1).load_state_dict(state)
+    older = {"seed": 0, "batch_size": 4, "stream_tokens": N_TRAIN, "position": 10}  # the sequential loader's state
+    with pytest.raises(SuperposeError, match="sequential loader of an older superpose"):
+        WindowLoader(counting, 4, seed=0).load_state_dict(older)
+    loader = WindowLoader(counting, 4, seed=0)
+    for levels in ([9], [9, -1], [9, True], [9, 111], [9, 3, 18, 0], [9, 3, 9, 0], "x"):
+        with pytest.raises(SuperposeError, match="data loader state is corrupt"):
+            loader.load_state_dict({**state, "levels": levels})
+    assert loader.state_dict() == state  # a refused state changes nothing
+    with pytest.raises(SuperposeError, match="lanes range\\(2, 5\\) are not a part of a batch of 4"):
+        WindowLoader(counting, 4, seed=0, lanes=range(2, 5))
 
 
 def test_check_window_error(counting: TokenStream) -> None:
@@ -167,38 +229,33 @@ def test_check_window_error(counting: TokenStream) -> None:
     loader = WindowLoader(counting, 4, seed=0)
     with pytest.raises(SuperposeError, match=message):
         loader.next_batch(251)
-    assert loader.tokens_consumed == 0
+    assert loader.state_dict()["levels"] == []
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     batch=st.integers(1, 8),
     seed=st.integers(0, 2**32),
-    windows=st.lists(st.integers(1, 60), min_size=1, max_size=30),
-    cut=st.integers(0, 30),
+    windows=st.lists(st.sampled_from([1, 7, 9, 18, 30, 36, 40, 60]), min_size=1, max_size=40),
+    cut=st.integers(0, 40),
+    world=st.integers(1, 4),
 )
-def test_property_exact_accounting_across_window_lengths_and_resume(
-    counting: TokenStream, batch: int, seed: int, windows: list[int], cut: int
+def test_property_no_gap_no_overlap_within_a_pass_and_exact_resume(
+    counting: TokenStream, batch: int, seed: int, windows: list[int], cut: int, world: int
 ) -> None:
-    """Record the stream offsets every row consumes: within a pass no token twice, after a full pass all of them."""
-    loader = WindowLoader(counting, batch, seed)
-    consumed: list[np.ndarray] = []
-    for i, w in enumerate(windows):
-        if i == cut:  # a resume mid-way changes nothing
-            state = json.loads(json.dumps(loader.state_dict()))
-            loader = WindowLoader(counting, batch, seed)
-            loader.load_state_dict(state)
-        offsets = loader.offsets(w)
-        out = loader.next_batch(w).numpy()
-        np.testing.assert_array_equal(out, offsets)  # counting stream: a token's value is its position
-        consumed.append(offsets)
-    per_row = np.concatenate(consumed, axis=1)
-    for b in range(batch):
-        lane_len = int(loader.lane_lens[b])
-        lane = (loader.lane_starts[b] + np.arange(lane_len)) % N_TRAIN
-        # row b is lane b read in order, cycling: token k of the row is lane[k % lane_len]
-        np.testing.assert_array_equal(per_row[b], lane[np.arange(per_row.shape[1]) % lane_len])
-    assert loader.tokens_consumed == batch * sum(windows)
+    """Within every pass no token is read twice; a pass that ran to its end left exactly the tokens the guarantee
+    names unread; every window is contiguous text; a resume at any call on any world size changes nothing."""
+    straight, by_pass, last, grown = passes(counting, batch, seed, windows)
+    resumed = passes(counting, batch, seed, windows, cut=cut, world=world)[0]
+    for want, got in zip(straight, resumed):
+        np.testing.assert_array_equal(got, want)
+    for b in straight:
+        assert_contiguous(b)
+    for p, windows_read in enumerate(by_pass):
+        tokens = np.concatenate(windows_read) if windows_read else np.empty(0, dtype=np.int64)
+        assert len(np.unique(tokens)) == len(tokens), f"pass {p} read a token twice"
+        if p < len(grown) and not grown[p]:  # a pass that ran to its end
+            assert N_TRAIN - len(tokens) == unread_by_guarantee(last[p]), f"pass {p} left a gap"
 
 
 def test_validation_windows(counting: TokenStream) -> None:

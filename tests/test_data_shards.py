@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -76,19 +77,25 @@ def test_token_dtype_choice() -> None:
 def test_shard_writer_rolls_over_and_stream_reads_across_boundaries(tmp_path: Path) -> None:
     data = np.arange(13, dtype=np.int64) + 60_000
     with ShardWriter(tmp_path, "train", np.dtype("<u2"), shard_tokens=5) as w:
-        w.add(data[:3], 1)
-        w.add(data[3:7], 2)
-        w.add(data[7:], 1)
+        w.add(data[:3], 1, 10)
+        w.add(data[3:7], 2, 20)
+        w.add(data[7:], 1, 5)
         info = w.close()
+
+    def sha(part: np.ndarray) -> str:  # each shard's checksum is of exactly its bytes, hashed while writing
+        return hashlib.sha256(part.astype("<u2").tobytes()).hexdigest()
+
     assert info == {
         "tokens": 13,
         "documents": 4,
+        "bytes": 35,
         "shards": [
-            {"file": "train-00000.bin", "tokens": 5},
-            {"file": "train-00001.bin", "tokens": 5},
-            {"file": "train-00002.bin", "tokens": 3},
+            {"file": "train-00000.bin", "tokens": 5, "sha256": sha(data[:5])},
+            {"file": "train-00001.bin", "tokens": 5, "sha256": sha(data[5:10])},
+            {"file": "train-00002.bin", "tokens": 3, "sha256": sha(data[10:])},
         ],
     }
+    assert all(file_sha256(tmp_path / s["file"]) == s["sha256"] for s in info["shards"])
     raw = b"".join((tmp_path / s["file"]).read_bytes() for s in info["shards"])
     assert raw == data.astype("<u2").tobytes()
     stream = TokenStream("train", tmp_path, [tmp_path / s["file"] for s in info["shards"]], [5, 5, 3], np.dtype("<u2"))
@@ -113,6 +120,7 @@ def test_prepare_meta_and_shards_are_consistent(dataset: Path, corpus: tuple[Pat
     assert meta["tokenizer_sha256"] == file_sha256(dataset / "tokenizer.json")
     assert meta["seed"] == 3 and meta["val_fraction"] == 0.1 and meta["source"] == [str(corpus[0])]
     assert sorted(p.name for p in dataset.iterdir() if not p.name.endswith(".bin")) == ["meta.json", "tokenizer.json"]
+    assert meta["shuffled"] is True
     bins = sorted(p.name for p in dataset.glob("*.bin"))
     listed = sorted(s["file"] for split in meta["splits"].values() for s in split["shards"])
     assert bins == listed
@@ -134,9 +142,48 @@ def test_prepare_shards_hold_exactly_the_documents(dataset: Path, corpus: tuple[
     docs = corpus[1]
     assert len(val) == ds.meta["splits"]["val"]["documents"] >= 1
     assert len(train) == ds.meta["splits"]["train"]["documents"]
-    # both splits keep corpus order, and together they are the corpus
-    assert train == [d for d in docs if d not in val]
-    assert val == [d for d in docs if d in val]
+    # together the splits are the corpus, each document once, in an order shuffled by the seed
+    assert sorted(train + val) == sorted(docs)
+    assert ds.meta["shuffled"] and train != [d for d in docs if d not in val]
+    for name, split in (("train", train), ("val", val)):
+        assert ds.meta["splits"][name]["bytes"] == sum(len(d.encode("utf-8")) for d in split)
+
+
+def test_keep_order_keeps_the_reading_order_and_the_same_validation_documents(
+    dataset: Path, corpus: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    kept = open_dataset(prepare([str(corpus[0])], tmp_path / "kept", vocab_size=320, val_fraction=0.1,
+                                shard_tokens=1000, seed=3, keep_order=True, progress=False))
+    shuffled = open_dataset(dataset)
+
+    def docs_of(ds, split: str) -> list[str]:
+        return split_docs(ds.split(split).read(0, len(ds.split(split))), ds.tokenizer, ds.eos_id)
+
+    assert not kept.meta["shuffled"]
+    assert docs_of(kept, "train") == [d for d in corpus[1] if d not in docs_of(kept, "val")]
+    assert sorted(docs_of(kept, "val")) == sorted(docs_of(shuffled, "val"))
+
+
+def test_prepare_reports_skipped_files_and_split_sizes(tmp_path: Path) -> None:
+    src = write_corpus(tmp_path / "c", make_docs(6))
+    (src / "latin.txt").write_bytes("caf\xe9 " .encode("latin-1") * 20)
+    (src / "blob.bin").write_bytes(b"\x00\x01" * 10)
+    lines: list[str] = []
+    out = prepare([str(src)], tmp_path / "o", vocab_size=300, val_fraction=0.2, progress=False, say=lines.append)
+    meta = open_dataset(out).meta["splits"]
+    assert lines == [
+        f"skipped 2 file(s): 1 binary, not text ({src / 'blob.bin'}); 1 not utf-8 text ({src / 'latin.txt'}); "
+        "read them with --encoding, or --errors replace",
+        f"train: {meta['train']['documents']:,} documents, {meta['train']['tokens']:,} tokens, {meta['train']['bytes']:,} bytes",
+        f"val: {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens, {meta['val']['bytes']:,} bytes",
+    ]
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 6
+    lines.clear()
+    out = prepare([str(src)], tmp_path / "o2", vocab_size=300, val_fraction=0.2, errors="replace", progress=False,
+                  say=lines.append)
+    assert lines[0] == f"skipped 1 file(s): 1 binary, not text ({src / 'blob.bin'})"
+    meta = open_dataset(out).meta["splits"]
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 7  # the latin-1 file, with U+FFFD
 
 
 def test_prepare_is_deterministic_and_seed_picks_validation(corpus: tuple[Path, list[str]], dataset: Path, tmp_path: Path) -> None:
@@ -265,6 +312,22 @@ def test_open_dataset_detects_truncated_shard(dataset_copy: Path) -> None:
         open_dataset(dataset_copy)
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "bit flip"])
+def test_open_dataset_names_a_damaged_shard(dataset_copy: Path, damage: str) -> None:
+    """Damage that keeps the size and every id in the vocabulary is caught by the sha256 recorded at writing."""
+    shard = dataset_copy / "train-00001.bin"
+    raw = bytearray(shard.read_bytes())
+    if damage == "zeroed":
+        raw[:] = bytes(len(raw))
+    else:
+        raw[7] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(SuperposeError, match=r"^shard .*train-00001\.bin is damaged: its sha256 differs from the one "
+                                             r"meta.json recorded when it was written; prepare the dataset again$"):
+        open_dataset(dataset_copy)
+    assert len(open_dataset(dataset_copy, verify=False).split("train")) > 0  # opt-out: size checks only
+
+
 def test_open_dataset_detects_missing_shard(dataset_copy: Path) -> None:
     (dataset_copy / "train-00001.bin").unlink()
     with pytest.raises(SuperposeError, match="missing shard train-00001.bin of split 'train'"):
@@ -288,6 +351,7 @@ def test_open_dataset_detects_mismatching_tokenizer(dataset: Path, tmp_path: Pat
         (lambda p: _edit_meta(p, dtype="int8"), "dtype 'int8'"),
         (lambda p: _edit_meta(p, vocab_size=999), "has 320 token ids but meta.json says 999"),
         (lambda p: _edit_meta(p, tokenizer="../x.json"), "not a plain file name"),
+        (lambda p: _edit_shard(p, sha256="abc"), "malformed sha256"),
     ],
 )
 def test_open_dataset_rejects_bad_meta(dataset_copy: Path, edit, message: str) -> None:
@@ -304,4 +368,10 @@ def test_open_dataset_missing_folder(tmp_path: Path) -> None:
 def _edit_meta(folder: Path, **changes: object) -> None:
     meta = json.loads((folder / "meta.json").read_text())
     meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _edit_shard(folder: Path, **changes: object) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0].update(changes)
     (folder / "meta.json").write_text(json.dumps(meta))

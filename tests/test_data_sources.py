@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models
 
-from superpose.data.corpus import iter_documents, limit_bytes, resolve_source
+from superpose.data.corpus import Skipped, iter_documents, limit_bytes, resolve_source
 from superpose.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_tokenizer
 from superpose.errors import SuperposeError
 
@@ -38,11 +38,17 @@ def test_text_file_is_one_document(tmp_path: Path) -> None:
     assert list(iter_documents(str(f))) == ["héllo\nworld\n"]
 
 
-def test_non_utf8_text_file_is_an_error(tmp_path: Path) -> None:
+def test_non_utf8_text_file_is_an_error_that_names_the_ways_out(tmp_path: Path) -> None:
     f = tmp_path / "latin.txt"
     f.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(SuperposeError, match="latin.txt is not UTF-8"):
+    with pytest.raises(SuperposeError, match=r"latin.txt is not utf-8 text; pass --encoding, or --errors replace"):
         list(iter_documents(str(f)))
+    assert list(iter_documents(str(f), encoding="latin-1")) == ["café"]
+    assert list(iter_documents(str(f), errors="replace")) == ["caf\ufffd"]
+    with pytest.raises(SuperposeError, match="unknown text encoding 'klingon'"):
+        list(iter_documents(str(f), encoding="klingon"))
+    with pytest.raises(SuperposeError, match="errors must be one of skip, replace, got 'ignore'"):
+        list(iter_documents(str(f), errors="ignore"))
 
 
 def test_folder_is_recursive_sorted_and_skips_binaries_and_hidden(tmp_path: Path) -> None:
@@ -60,9 +66,17 @@ def test_folder_is_recursive_sorted_and_skips_binaries_and_hidden(tmp_path: Path
     (root / "empty.txt").write_text("", encoding="utf-8")
     write_jsonl(root / "m.jsonl", [{"text": "from jsonl 1"}, {"text": "from jsonl 2"}])
     assert resolve_source(str(root)).kind == "folder"
-    docs = list(iter_documents(str(root)))
+    skipped = Skipped()
+    docs = list(iter_documents(str(root), skipped=skipped))
     # sorted by relative path: a.txt, b/deep/c.rst, b/noext, empty.txt (skipped), m.jsonl, z.md
     assert docs == ["alpha", "gamma", "no extension but utf-8", "from jsonl 1", "from jsonl 2", "zeta"]
+    # nothing is dropped without a word: the binary and the latin-1 file are recorded with their reasons
+    assert skipped.files == {"binary, not text": [root / "b" / "image.png"], "not utf-8 text": [root / "b" / "latin.dat"]}
+    assert skipped.summary() == (
+        f"skipped 2 file(s): 1 binary, not text ({root / 'b' / 'image.png'}); 1 not utf-8 text ({root / 'b' / 'latin.dat'})")
+    replaced = Skipped()
+    docs = list(iter_documents(str(root), errors="replace", skipped=replaced))
+    assert "caf\ufffd" in docs and list(replaced.files) == ["binary, not text"]
 
 
 def test_jsonl_json_and_gz_records(tmp_path: Path) -> None:
@@ -82,7 +96,7 @@ def test_custom_text_field_and_missing_field(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     write_jsonl(f, [{"content": "abc"}, {"content": "def"}])
     assert list(iter_documents(str(f), text_field="content")) == ["abc", "def"]
-    with pytest.raises(SuperposeError, match=r"d\.jsonl has no field 'text'.*content"):
+    with pytest.raises(SuperposeError, match=r"d\.jsonl has no field 'text' \(fields: content\); choose one with --text-field"):
         list(iter_documents(str(f)))
 
 
@@ -94,10 +108,38 @@ def test_parquet_records(tmp_path: Path) -> None:
         list(iter_documents(str(f), text_field="body"))
 
 
-def test_missing_corpus_is_not_found(tmp_path: Path) -> None:
+def test_missing_corpus_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for spec in (str(tmp_path / "nope"), "missing.txt", "data/missing.jsonl", "./local", "~/surely-not-here-xyz"):
         with pytest.raises(SuperposeError, match="corpus not found"):
             resolve_source(spec)
+    # a mistyped folder inside an existing folder is a path, not a hub name: no hub look-up at all
+    (tmp_path / "corpus_txt").mkdir()
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(SuperposeError, match=rf"^corpus not found: {tmp_path.name}/corpus_tx \(did you mean "
+                                             rf"{tmp_path.name}/corpus_txt\?\)$"):
+        resolve_source(f"{tmp_path.name}/corpus_tx")
+
+
+def test_offline_hub_lookup_is_a_quiet_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A bare name is tried on the hub; offline, its failure is one line that also points at a near local name."""
+    import logging
+
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError("Couldn't reach 'corpus_tx' on the Hub (LocalEntryNotFoundError)")
+
+    (tmp_path / "corpus_txt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING), pytest.raises(SuperposeError) as info:
+        list(iter_documents("corpus_tx"))
+    assert str(info.value) == ("corpus not found: corpus_tx is no local file or folder (did you mean corpus_txt?), "
+                               "and the hub is off (HF_HUB_OFFLINE) with no cached copy of it")
+    assert "Retrying" not in caplog.text
 
 
 def test_hub_names_are_recognised_without_network() -> None:
@@ -143,12 +185,12 @@ def test_limit_bytes_cuts_exactly() -> None:
 
 
 def test_embedded_corpus_offline_and_deterministic() -> None:
-    docs = list(iter_documents("embedded", max_bytes=400_000))
+    docs = list(limit_bytes(iter_documents("embedded"), 400_000))
     assert len(docs) >= 10
     total = sum(len(d.encode("utf-8")) for d in docs)
     assert 400_000 - 4 <= total <= 400_000
     assert sum("def " in d or "import " in d for d in docs) >= len(docs) - 1
-    assert docs == list(iter_documents("embedded", max_bytes=400_000))
+    assert docs == list(limit_bytes(iter_documents("embedded"), 400_000))
 
 
 # --- tokenizers -------------------------------------------------------------------------------------

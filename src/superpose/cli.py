@@ -17,7 +17,8 @@ def _prepare(args: argparse.Namespace) -> int:
     out = prepare(
         args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, text_field=args.text_field,
         val_fraction=args.val_fraction, seed=args.seed, max_bytes=args.max_bytes, hf_config=args.hf_config,
-        hf_split=args.hf_split, progress=not args.quiet,
+        hf_split=args.hf_split, progress=not args.quiet, keep_order=args.keep_order, encoding=args.encoding,
+        errors=args.errors,
     )
     print(f"prepared {out}")
     return 0
@@ -172,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training one (default 8192)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hub rows")
     p.add_argument("--val-fraction", type=float, default=0.005, help="documents held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out and the document shuffle")
+    p.add_argument("--keep-order", action="store_true",
+                   help="keep the documents in reading order (default: shuffled with --seed, so shards, the "
+                        "validation split and every batch mix the whole corpus)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of plain-text files (default utf-8)")
+    p.add_argument("--errors", choices=("skip", "replace"), default="skip",
+                   help="a file that does not decode: skip it (counted and named at the end) or replace the bad "
+                        "bytes with U+FFFD (default skip)")
     p.add_argument("--max-bytes", type=int, help="stop reading after this many bytes of text")
     p.add_argument("--hf-config", help="hub dataset configuration name")
     p.add_argument("--hf-split", default="train", help="hub dataset split (default train)")

@@ -6,15 +6,19 @@ same source twice gives the same shards.
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import os
 import re
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from superpose.errors import SuperposeError
+from superpose.files import first_line
 
 EMBEDDED = "embedded"
 RECORD_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -31,6 +35,8 @@ _EMBEDDED_SKIP = {
 }
 
 SourceKind = Literal["embedded", "text", "folder", "records", "hub"]
+DECODE_ERRORS = ("skip", "replace")
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,59 @@ def resolve_source(source: str) -> Source:
         if path.name.lower().endswith(RECORD_SUFFIXES):
             return Source(source, "records", path)
         return Source(source, "text", path)
-    if _looks_like_hub_name(source):
-        return Source(source, "hub")
-    raise SuperposeError(f"corpus not found: {source}")
+    if not _looks_like_hub_name(source) or _looks_like_path(path):
+        raise SuperposeError(f"corpus not found: {source}{_did_you_mean(path)}")
+    return Source(source, "hub")
 
 
 def _looks_like_hub_name(source: str) -> bool:
     return bool(_HUB_NAME.match(source)) and Path(source).suffix.lower() not in _FILE_SUFFIXES
+
+
+def _looks_like_path(path: Path) -> bool:
+    """``data/corpus_tx`` (its folder exists here) is a local path; ``owner/name`` (no folder ``owner``) a hub name."""
+    return len(path.parts) > 1 and path.parent.is_dir()
+
+
+def _did_you_mean(path: Path) -> str:
+    """A hint naming a local file or folder whose name is close to a mistyped one ('' when there is none)."""
+    try:
+        names = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return f" (did you mean {path.parent / near[0]}?)" if near else ""
+
+
+def check_decoding(encoding: str, errors: str) -> None:
+    """Refuse an unknown text encoding or error policy before any corpus is read."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise SuperposeError(f"unknown text encoding {encoding!r}") from None
+    if errors not in DECODE_ERRORS:
+        raise SuperposeError(f"errors must be one of {', '.join(DECODE_ERRORS)}, got {errors!r}")
+
+
+@dataclass
+class Skipped:
+    """Files of a folder (or of the embedded corpus) left out, by reason, so prepare can say what it dropped."""
+
+    files: dict[str, list[Path]] = field(default_factory=dict)
+
+    def add(self, path: Path, reason: str) -> None:
+        self.files.setdefault(reason, []).append(path)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.files.values()))
+
+    def summary(self, shown: int = 3) -> str:
+        """One line: how many files, each reason with its count and the first few names."""
+        parts = []
+        for reason, paths in self.files.items():
+            names = ", ".join(str(p) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+            parts.append(f"{len(paths)} {reason} ({names})")
+        return f"skipped {len(self)} file(s): " + "; ".join(parts)
 
 
 def iter_documents(
@@ -71,23 +123,31 @@ def iter_documents(
     text_field: str = "text",
     hf_config: str | None = None,
     hf_split: str = "train",
-    max_bytes: int | None = None,
+    encoding: str = "utf-8",
+    errors: str = "skip",
+    skipped: Skipped | None = None,
 ) -> Iterator[str]:
-    """Yield the non-empty document texts of one source, in a deterministic order."""
+    """Yield the non-empty document texts of one source, in a deterministic order.
+
+    Text files are decoded with ``encoding``; with ``errors="skip"`` a file that does not decode is an error when
+    named alone and is left out of a folder (recorded in ``skipped``), with ``errors="replace"`` its undecodable bytes
+    become U+FFFD. Files holding NUL characters are binaries and always left out of a folder.
+    """
+    check_decoding(encoding, errors)
     src = resolve_source(source)
+    decode = _Decoder(encoding, errors, skipped if skipped is not None else Skipped())
     docs: Iterator[str]
     if src.kind == "embedded":
-        docs = _iter_embedded(src.path)
+        docs = _iter_embedded(src.path, decode)
     elif src.kind == "folder":
-        docs = _iter_folder(src.path, text_field)
+        docs = _iter_folder(src.path, text_field, decode)
     elif src.kind == "records":
         docs = _iter_records(src.path, text_field)
     elif src.kind == "text":
-        docs = iter([_read_text_file(src.path)])
+        docs = iter([decode.named(src.path)])
     else:
         docs = _iter_hub(source, hf_config, hf_split, text_field)
-    docs = (d for d in docs if d)
-    return limit_bytes(docs, max_bytes) if max_bytes is not None else docs
+    return (d for d in docs if d)
 
 
 def limit_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -104,26 +164,21 @@ def limit_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
             yield doc
 
 
-def _iter_embedded(root: Path) -> Iterator[str]:
-    files = _walk(root, lambda name: name in _EMBEDDED_SKIP)
-    for path in files:
-        if path.suffix == ".py":
-            text = _decode_or_none(path)
-            if text is not None:
-                yield text
+def _iter_embedded(root: Path, decode: _Decoder) -> Iterator[str]:
+    for path in _walk(root, lambda name: name in _EMBEDDED_SKIP):
+        if path.suffix == ".py" and (text := decode(path)) is not None:
+            yield text
 
 
-def _iter_folder(root: Path, text_field: str) -> Iterator[str]:
-    """Walk a folder in sorted order; record files are read as records, binaries are skipped."""
+def _iter_folder(root: Path, text_field: str, decode: _Decoder) -> Iterator[str]:
+    """Walk a folder in sorted order; record files are read as records, files that are not text are skipped."""
     for path in _walk(root, lambda name: name.startswith(".")):
         if path.name.startswith("."):
             continue
         if path.name.lower().endswith(RECORD_SUFFIXES):
             yield from _iter_records(path, text_field)
-        else:
-            text = _decode_or_none(path)
-            if text is not None:
-                yield text
+        elif (text := decode(path)) is not None:
+            yield text
 
 
 def _walk(root: Path, skip_dir: Callable[[str], bool]) -> list[Path]:
@@ -135,21 +190,41 @@ def _walk(root: Path, skip_dir: Callable[[str], bool]) -> list[Path]:
     return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _decode_or_none(path: Path) -> str | None:
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+@dataclass
+class _Decoder:
+    """Decode text files one way for a whole source, recording what it leaves out and why."""
 
+    encoding: str
+    errors: str
+    skipped: Skipped
 
-def _read_text_file(path: Path) -> str:
-    text = _decode_or_none(path)
-    if text is None:
-        raise SuperposeError(f"corpus file {path} is not UTF-8 text")
-    return text
+    def __call__(self, path: Path) -> str | None:
+        """The file's text, or None (recorded in ``skipped``) for a binary or a file that does not decode."""
+        text, reason = self._decode(path)
+        if reason is not None:
+            self.skipped.add(path, reason)
+        return text
+
+    def named(self, path: Path) -> str:
+        """A file named as a source on its own: one that does not decode is an error, with the way out."""
+        text, reason = self._decode(path)
+        if reason is None:
+            return text
+        hint = "; pass --encoding, or --errors replace to keep it with U+FFFD" if reason.startswith("not ") else ""
+        raise SuperposeError(f"corpus file {path} is {reason}{hint}")
+
+    def _decode(self, path: Path) -> tuple[str | None, str | None]:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return None, f"unreadable ({first_line(e)})"
+        if b"\x00" in raw and "\x00".encode(self.encoding) == b"\x00":  # NUL bytes: a binary (not UTF-16 text)
+            return None, "binary, not text"
+        try:
+            text = raw.decode(self.encoding, "strict" if self.errors == "skip" else self.errors)
+        except UnicodeDecodeError:
+            return None, f"not {self.encoding} text"
+        return (None, "binary, not text") if "\x00" in text else (text, None)
 
 
 def _iter_records(path: Path, text_field: str) -> Iterator[str]:
@@ -160,7 +235,7 @@ def _iter_records(path: Path, text_field: str) -> Iterator[str]:
     try:
         records = iter(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True))
     except Exception as e:
-        raise SuperposeError(f"could not read {where}: {short_error(e)}") from e
+        raise SuperposeError(f"could not read {where}: {first_line(e)}") from e
     yield from _texts(records, text_field, where, f"could not read {where}")
 
 
@@ -169,10 +244,31 @@ def _iter_hub(name: str, config: str | None, split: str, text_field: str) -> Ite
 
     failure = f"could not load dataset '{name}' from the Hugging Face hub"
     try:
-        records = iter(datasets.load_dataset(name, config, split=split, streaming=True))
+        with _quiet_hub():
+            records = iter(datasets.load_dataset(name, config, split=split, streaming=True))
     except Exception as e:
-        raise SuperposeError(f"{failure}: {short_error(e)}") from e
+        offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+        if offline:
+            raise SuperposeError(f"corpus not found: {name} is no local file or folder{_did_you_mean(Path(name))},"
+                                 f" and the hub is off ({offline[0]}) with no cached copy of it") from e
+        raise SuperposeError(f"{failure}{_did_you_mean(Path(name))}: {first_line(e)}") from e
     yield from _texts(records, text_field, f"dataset '{name}'", failure)
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The hub libraries log every retry and cache miss; the one-line error at the end says what matters."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec", "urllib3")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _texts(records: Iterator[dict[str, Any]], text_field: str, where: str, failure: str) -> Iterator[str]:
@@ -183,20 +279,13 @@ def _texts(records: Iterator[dict[str, Any]], text_field: str, where: str, failu
         except StopIteration:
             return
         except Exception as e:
-            raise SuperposeError(f"{failure}: {short_error(e)}") from e
+            raise SuperposeError(f"{failure}: {first_line(e)}") from e
         if text_field not in record:
             fields = ", ".join(sorted(record)) or "none"
-            raise SuperposeError(f"{where} has no field '{text_field}' (fields: {fields}); set text_field")
+            raise SuperposeError(f"{where} has no field '{text_field}' (fields: {fields}); choose one with --text-field")
         value = record[text_field]
         if value is None:
             continue
         if not isinstance(value, str):
             raise SuperposeError(f"{where}: field '{text_field}' holds {type(value).__name__}, not text")
         yield value
-
-
-def short_error(error: Exception) -> str:
-    """First line of an exception, capped, because library errors can be pages long."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

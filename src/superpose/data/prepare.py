@@ -1,26 +1,24 @@
 """`superpose prepare`: corpus -> tokenizer -> train/val token shards, written atomically.
 
 Pass 1 streams the documents once into a cache file inside the temporary output folder (feeding the
-BPE trainer on the way when no tokenizer is given); pass 2 encodes the cache. The cache makes both
-passes see identical documents even for hub streams, and gives the document count needed to
-guarantee a non-empty validation split. It is deleted before the folder is renamed into place.
+BPE trainer on the way when no tokenizer is given); pass 2 encodes the cache, in an order shuffled by
+the seed unless asked to keep the reading order. The cache makes both passes see identical documents
+even for hub streams, gives the document count needed to guarantee a non-empty validation split and
+lets pass 2 read in any order. It is deleted before the folder is renamed into place.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import secrets
-import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from superpose import __version__
-from superpose.data.corpus import iter_documents, limit_bytes, resolve_source
+from superpose.data.corpus import Skipped, check_decoding, iter_documents, limit_bytes, resolve_source
 from superpose.data.shards import (
     FORMAT,
     TOKENIZER_FILE,
@@ -39,6 +37,7 @@ from superpose.data.tokenizer import (
     vocab_size_of,
 )
 from superpose.errors import SuperposeError
+from superpose.files import atomic_dir, require_empty
 
 CACHE_FILE = "documents.cache"
 ENCODE_BATCH_BYTES = 1 << 20
@@ -59,17 +58,26 @@ def prepare(
     max_bytes: int | None = None,
     hf_config: str | None = None,
     hf_split: str = "train",
+    keep_order: bool = False,
+    encoding: str = "utf-8",
+    errors: str = "skip",
     progress: bool = True,
+    say: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize `sources` into a dataset folder at out_dir and return its path.
 
-    With `tokenizer` None a byte-level BPE of `vocab_size` is trained on the same documents.
-    Validation documents are chosen from (seed, document index) alone. Nothing appears at out_dir
-    unless the whole run succeeds.
+    With `tokenizer` None a byte-level BPE of `vocab_size` is trained on the same documents. Validation documents are
+    chosen from (seed, document index) alone. Both splits are written in an order shuffled by `seed`: in reading order,
+    neighbouring documents (which share windows) are alike, and the validation windows, read from the start of their
+    split, would all come from the first files. `keep_order` keeps the reading order.
+    Text files are decoded with `encoding`; `errors` is "skip" (a folder's undecodable files are left out) or
+    "replace" (U+FFFD). `say` gets the files skipped and, at the end, documents, tokens and bytes per split. Nothing
+    appears at out_dir unless the whole run succeeds.
     """
     out = Path(out_dir).expanduser()
     if not sources:
         raise SuperposeError("no corpus given")
+    check_decoding(encoding, errors)
     for source in sources:
         resolve_source(source)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
@@ -87,15 +95,14 @@ def prepare(
         raise SuperposeError(f"shard_tokens must be at least 1, got {shard_tokens}")
     if max_bytes is not None and max_bytes < 1:
         raise SuperposeError(f"max_bytes must be positive, got {max_bytes}")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise SuperposeError(f"output folder {out} exists and is not empty")
+    require_empty(out, "output folder")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
+        skipped = Skipped()
         docs: Iterator[str] = itertools.chain.from_iterable(
-            iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split) for s in sources
+            iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split, encoding=encoding,
+                           errors=errors, skipped=skipped)
+            for s in sources
         )
         if max_bytes is not None:
             docs = limit_bytes(docs, max_bytes)
@@ -106,6 +113,9 @@ def prepare(
                 tok = train_tokenizer(recorded, vocab_size)
             for _ in recorded:  # caches the corpus when no training pass consumed it
                 pass
+        if skipped:
+            undecoded = any(reason.startswith("not ") for reason in skipped.files)
+            say(skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else ""))
         is_val = _choose_val(cache.count, val_fraction, min_val_documents, seed, sources)
 
         tok.save(str(tmp / TOKENIZER_FILE))
@@ -114,12 +124,14 @@ def prepare(
         dtype = token_dtype(vocab)
         with ShardWriter(tmp, "train", dtype, shard_tokens) as train, ShardWriter(tmp, "val", dtype, shard_tokens) as val:
             with tqdm(total=cache.count, desc="encoding", unit="doc", disable=not progress) as bar:
-                for start, batch in _batches(cache):
+                order = np.arange(cache.count) if keep_order else np.random.default_rng([seed, 1]).permutation(cache.count)
+                for indices, batch in _batches(cache.read(order)):
                     encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
                     for writer, flag in ((train, False), (val, True)):
-                        ids = [enc.ids + [eos] for i, enc in enumerate(encodings) if is_val[start + i] == flag]
-                        if ids:
-                            writer.add(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64), len(ids))
+                        picked = [(enc.ids, text) for i, enc, text in zip(indices, encodings, batch) if is_val[i] == flag]
+                        if picked:
+                            ids = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids, _ in picked), np.int64)
+                            writer.add(ids, len(picked), sum(len(text.encode("utf-8")) for _, text in picked))
                     bar.update(len(batch))
             splits = {"train": train.close(), "val": val.close()}
         cache.path.unlink()
@@ -135,57 +147,61 @@ def prepare(
                 "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
                 "source": list(sources),
                 "seed": seed,
+                "shuffled": not keep_order,
                 "val_fraction": val_fraction,
                 "max_bytes": max_bytes,
                 "superpose_version": __version__,
                 "splits": splits,
             },
         )
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for name, split in splits.items():
+        say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['bytes']:,} bytes")
     return out
 
 
 class _DocumentCache:
-    """Length-prefixed UTF-8 documents on disk, so pass 2 re-reads exactly what pass 1 saw."""
+    """Length-prefixed UTF-8 documents on disk, so pass 2 re-reads exactly what pass 1 saw, in any order."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.count = 0
+        self.offsets: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
 
     def record(self, docs: Iterable[str], bar: tqdm) -> Iterator[str]:
         """Write each document to the cache while passing it on (to the tokenizer trainer)."""
         with open(self.path, "wb") as f:
             for doc in docs:
                 raw = doc.encode("utf-8")
+                self.offsets.append(f.tell())
                 f.write(_LENGTH.pack(len(raw)))
                 f.write(raw)
-                self.count += 1
                 bar.update()
                 yield doc
 
-    def __iter__(self) -> Iterator[str]:
+    def read(self, order: np.ndarray) -> Iterator[tuple[int, str]]:
+        """(index, text) of the documents in ``order`` (indices in recording order)."""
         with open(self.path, "rb") as f:
-            while header := f.read(_LENGTH.size):
-                (size,) = _LENGTH.unpack(header)
-                yield f.read(size).decode("utf-8")
+            for index in order.tolist():
+                f.seek(self.offsets[index])
+                (size,) = _LENGTH.unpack(f.read(_LENGTH.size))
+                yield index, f.read(size).decode("utf-8")
 
 
-def _batches(docs: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
-    """Group documents into ~1 MB batches for encode_batch; yields (index of first document, batch)."""
-    start, batch, size = 0, [], 0
-    for doc in docs:
+def _batches(docs: Iterable[tuple[int, str]]) -> Iterator[tuple[list[int], list[str]]]:
+    """Group (index, text) pairs into ~1 MB batches for encode_batch; yields (indices, texts)."""
+    indices, batch, size = [], [], 0
+    for index, doc in docs:
+        indices.append(index)
         batch.append(doc)
         size += len(doc)
         if size >= ENCODE_BATCH_BYTES:
-            yield start, batch
-            start, batch, size = start + len(batch), [], 0
+            yield indices, batch
+            indices, batch, size = [], [], 0
     if batch:
-        yield start, batch
+        yield indices, batch
 
 
 def _choose_val(n_docs: int, val_fraction: float, min_val: int, seed: int, sources: list[str]) -> np.ndarray:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -42,18 +45,20 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """Hash a file in chunks so a tampered or swapped tokenizer is detected."""
+    """Hash a file in 8 MiB chunks (constant memory, any size) so a damaged, tampered or swapped file is detected."""
     digest = hashlib.sha256()
+    buffer = memoryview(bytearray(8 << 20))
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
     return digest.hexdigest()
 
 
 class ShardWriter:
     """Append documents' tokens to `<split>-NNNNN.bin` files of at most shard_tokens tokens each.
 
-    Documents may straddle shard boundaries: readers see one logical stream per split.
+    Documents may straddle shard boundaries: readers see one logical stream per split. Each shard's sha256 is hashed
+    from the bytes as they are written (no second read) and recorded in its meta.json entry.
     """
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
@@ -65,36 +70,46 @@ class ShardWriter:
         self.shard_tokens = shard_tokens
         self.tokens = 0
         self.documents = 0
+        self.text_bytes = 0
         self._shards: list[dict[str, Any]] = []
         self._file: BinaryIO | None = None
+        self._digest = hashlib.sha256()
 
-    def add(self, tokens: np.ndarray, documents: int) -> None:
-        """Append tokens holding `documents` whole documents (each already followed by EOS)."""
+    def add(self, tokens: np.ndarray, documents: int, text_bytes: int = 0) -> None:
+        """Append tokens holding `documents` whole documents (each already followed by EOS) of `text_bytes` UTF-8."""
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         self.documents += documents
+        self.text_bytes += text_bytes
         self.tokens += len(data)
         while len(data):
             if self._file is None or self._shards[-1]["tokens"] == self.shard_tokens:
                 self._open_next()
             shard = self._shards[-1]
             take = min(len(data), self.shard_tokens - shard["tokens"])
-            self._file.write(data[:take].tobytes())
+            raw = data[:take].tobytes()
+            self._file.write(raw)
+            self._digest.update(raw)
             shard["tokens"] += take
             data = data[take:]
 
     def _open_next(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._finish_shard()
         name = f"{self.split}-{len(self._shards):05d}.bin"
         self._file = open(self.folder / name, "wb")
         self._shards.append({"file": name, "tokens": 0})
 
-    def close(self) -> dict[str, Any]:
-        """Finish the last shard and return the split's entry for meta.json."""
+    def _finish_shard(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        return {"tokens": self.tokens, "documents": self.documents, "shards": [dict(s) for s in self._shards]}
+            self._shards[-1]["sha256"] = self._digest.hexdigest()
+            self._digest = hashlib.sha256()
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and return the split's entry for meta.json."""
+        self._finish_shard()
+        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.text_bytes,
+                "shards": [dict(s) for s in self._shards]}
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -122,6 +137,7 @@ class TokenStream:
         self._starts = [0]
         for m in self._maps:
             self._starts.append(self._starts[-1] + len(m))
+        self._bounds = np.array(self._starts, dtype=np.int64)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -152,6 +168,32 @@ class TokenStream:
             shard += 1
         return out
 
+    def read_windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Windows [len(starts), length] as int64, each read cyclically (past the end it continues at token 0).
+
+        Every split ends with EOS, so a wrapped window joins two documents at a document boundary. Windows inside one
+        shard are gathered with one fancy index per shard, which keeps a batch of scattered windows as cheap as a few
+        sequential reads; the rest (straddling a shard or the end) go through :meth:`read`.
+        """
+        n = len(self)
+        starts = np.asarray(starts, dtype=np.int64) % n
+        out = np.empty((len(starts), length), dtype=np.int64)
+        shard_of = np.searchsorted(self._starts, starts, side="right") - 1
+        inside = starts + length <= self._bounds[shard_of + 1]
+        steps = np.arange(length)
+        for shard in np.unique(shard_of[inside]):
+            rows = np.flatnonzero(inside & (shard_of == shard))
+            chunk = self._maps[shard][(starts[rows] - self._starts[shard])[:, None] + steps]
+            if self.vocab_size is not None and int(chunk.max()) >= self.vocab_size:
+                self.read(int(starts[rows[int(np.argmax((chunk >= self.vocab_size).any(axis=1)))]]), length)  # raises
+            out[rows] = chunk
+        for row in np.flatnonzero(~inside):
+            start = int(starts[row])
+            head = min(length, n - start)
+            out[row, :head] = self.read(start, head)
+            out[row, head:] = self.read(0, length - head)
+        return out
+
 
 class TokenDataset:
     """A validated prepared dataset folder: meta, tokenizer and per-split token streams."""
@@ -180,11 +222,12 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def open_dataset(path: str | Path, tokenizer: str | None = None) -> TokenDataset:
+def open_dataset(path: str | Path, tokenizer: str | None = None, verify: bool = True) -> TokenDataset:
     """Open a prepared dataset, refusing anything inconsistent before training spends time on it.
 
     If `tokenizer` is given (e.g. the tokenizer of a model being continued), it must have the same
-    vocabulary as the tokenizer the shards were made with.
+    vocabulary as the tokenizer the shards were made with. With `verify` every shard whose meta.json entry records a
+    sha256 is hashed (streamed, shards in parallel threads) and a damaged one is named.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -221,9 +264,21 @@ def open_dataset(path: str | Path, tokenizer: str | None = None) -> TokenDataset
                     f"shard {file} has {size} bytes but {META_FILE} says {shard['tokens']} tokens ({expected} bytes)"
                 )
 
+    if verify:
+        _verify_shards(root, [s for split in meta["splits"].values() for s in split["shards"] if "sha256" in s])
     if tokenizer is not None:
         _check_same_vocab(load_tokenizer(tokenizer), tok, tokenizer, root)
     return TokenDataset(root, meta, tok)
+
+
+def _verify_shards(root: Path, shards: list[dict[str, Any]]) -> None:
+    """Hash shards against meta.json; hashlib releases the GIL, so threads hash several shards at once."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(file_sha256, [root / s["file"] for s in shards])
+        for shard, digest in zip(shards, digests):
+            if digest != shard["sha256"]:
+                raise SuperposeError(f"shard {root / shard['file']} is damaged: its sha256 differs from the one "
+                                     f"{META_FILE} recorded when it was written; prepare the dataset again")
 
 
 def _check_meta(meta: Any, meta_path: Path) -> None:
@@ -258,6 +313,8 @@ def _check_meta(meta: Any, meta_path: Path) -> None:
                 raise bad(f"split '{name}' has a malformed shard entry {shard!r}")
             if "/" in shard["file"] or "\\" in shard["file"] or shard["tokens"] < 0:
                 raise bad(f"split '{name}' has a bad shard entry {shard!r}")
+            if "sha256" in shard and not re.fullmatch(r"[0-9a-f]{64}", str(shard["sha256"])):
+                raise bad(f"split '{name}' has a malformed sha256 in {shard!r}")
             total += shard["tokens"]
         if split.get("tokens") != total:
             raise bad(f"split '{name}' says {split.get('tokens')} tokens but its shards hold {total}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from superpose.data.corpus import short_error
+from superpose.files import first_line
 from superpose.errors import SuperposeError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -46,7 +46,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:
-            raise SuperposeError(f"could not read tokenizer file {path}: {short_error(e)}") from e
+            raise SuperposeError(f"could not read tokenizer file {path}: {first_line(e)}") from e
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return load_tokenizer(str(path / "tokenizer.json"))
     if not path.is_dir() and (spec.startswith((".", "/", "~")) or path.suffix == ".json"):
@@ -56,7 +56,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
         return AutoTokenizer.from_pretrained(spec).backend_tokenizer
     except Exception as e:
-        raise SuperposeError(f"could not load tokenizer '{spec}': {short_error(e)}") from e
+        raise SuperposeError(f"could not load tokenizer '{spec}': {first_line(e)}") from e
 
 
 def eos_id(tok: Tokenizer) -> int:
