@@ -40,14 +40,14 @@ TST = {"bag": 4, "ratio": 0.3}
 class LaneLoader:
     """The pre-issue-13 loader, verbatim in behaviour: B contiguous lanes of a seeded rotation, read front to back."""
 
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int, lanes: range | None = None) -> None:
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, rows: range | None = None) -> None:
         self.stream, self.batch_size, self.seed = stream, batch_size, seed
         n = len(stream)
         base, extra = divmod(n, batch_size)
         self.lane_lens = np.array([base + (b < extra) for b in range(batch_size)], dtype=np.int64)
         rotation = int(np.random.default_rng(seed).integers(n))
         self.lane_starts = (rotation + np.concatenate([[0], np.cumsum(self.lane_lens)[:-1]])) % n
-        self.lanes = range(batch_size) if lanes is None else lanes
+        self.lanes = range(batch_size) if rows is None else rows
         self.position = 0
 
     @property
@@ -87,9 +87,9 @@ class LaneLoader:
 class IidLoader:
     """Every row a uniformly random window of the stream, drawn from (seed, call): the textbook reference."""
 
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int, lanes: range | None = None) -> None:
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, rows: range | None = None) -> None:
         self.stream, self.batch_size, self.seed = stream, batch_size, seed
-        self.lanes = range(batch_size) if lanes is None else lanes
+        self.lanes = range(batch_size) if rows is None else rows
         self.calls = self.tokens = 0
 
     @property

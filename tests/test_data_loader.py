@@ -72,7 +72,7 @@ def assert_contiguous(batch: np.ndarray) -> None:
 
 def passes(stream: TokenStream, batch_size: int, seed: int, windows: list[int], cut: int | None = None,
            world: int = 1) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[dict], list[bool]]:
-    """Run a loader over ``windows`` (resumed at call ``cut`` on ``world`` ranks, each reading only its lanes).
+    """Run a loader over ``windows`` (resumed at call ``cut`` on ``world`` ranks, each reading only its rows).
 
     Returns the global batches and, per pass: its windows (a batch that straddles two passes is split using the
     public state), the last state seen in it (with a level the ending call opened), and whether a longer window
@@ -87,7 +87,7 @@ def passes(stream: TokenStream, batch_size: int, seed: int, windows: list[int], 
         if i == cut:
             state = json.loads(json.dumps(loaders[0].state_dict()))  # plain ints survive a checkpoint round trip
             share = -(-batch_size // world)
-            loaders = [WindowLoader(stream, batch_size, seed, lanes=range(r * share, min(batch_size, (r + 1) * share)))
+            loaders = [WindowLoader(stream, batch_size, seed, rows=range(r * share, min(batch_size, (r + 1) * share)))
                        for r in range(world) if r * share < batch_size]
             for loader in loaders:
                 loader.load_state_dict(state)
@@ -217,8 +217,8 @@ def test_load_state_dict_refuses_other_runs_and_corrupt_state(counting: TokenStr
         with pytest.raises(SuperposeError, match="data loader state is corrupt"):
             loader.load_state_dict({**state, "levels": levels})
     assert loader.state_dict() == state  # a refused state changes nothing
-    with pytest.raises(SuperposeError, match="lanes range\\(2, 5\\) are not a part of a batch of 4"):
-        WindowLoader(counting, 4, seed=0, lanes=range(2, 5))
+    with pytest.raises(SuperposeError, match="rows range\\(2, 5\\) are not a part of a batch of 4"):
+        WindowLoader(counting, 4, seed=0, rows=range(2, 5))
 
 
 def test_check_window_error(counting: TokenStream) -> None:

@@ -85,11 +85,11 @@ class WindowLoader:
     ``len % w`` the rotation leaves over (a different place every pass). A shrink from ``w`` to ``w'`` leaves ``w % w'``
     tokens of each still-unread window (none when ``w'`` divides ``w``, as TST's ``(L+1)*s`` -> ``L+1`` does); a
     growth ends the pass early and leaves its unread windows. The position is the pass and, per level, the window
-    length and windows read: a few integers. Every rank computes the same global batch and reads only its ``lanes``
-    (its rows), so ranks read disjoint windows and a resume at any world size continues identically.
+    length and windows read: a few integers. Every rank computes the same global batch and reads only its ``rows``
+    of it, so ranks read disjoint windows and a resume at any world size continues identically.
     """
 
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int, lanes: range | None = None) -> None:
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, rows: range | None = None) -> None:
         if batch_size < 1:
             raise SuperposeError(f"batch size must be positive, got {batch_size}")
         if seed < 0:
@@ -101,15 +101,15 @@ class WindowLoader:
         self.stream = stream
         self.batch_size = batch_size
         self.seed = seed
-        self.lanes = range(batch_size) if lanes is None else lanes
-        if not self.lanes or self.lanes.step != 1 or self.lanes.start < 0 or self.lanes.stop > batch_size:
-            raise SuperposeError(f"lanes {self.lanes} are not a part of a batch of {batch_size}")
+        self.rows = range(batch_size) if rows is None else rows
+        if not self.rows or self.rows.step != 1 or self.rows.start < 0 or self.rows.stop > batch_size:
+            raise SuperposeError(f"rows {self.rows} are not a part of a batch of {batch_size}")
         self.epoch = 0  # passes completed
         self._levels: list[list[int]] = []  # [window length, windows read] per level of the current pass
         self._cache: tuple[tuple, int, np.ndarray] = ((), 0, np.empty(0, dtype=np.int64))  # (level key, first, starts)
 
     def next_batch(self, window_len: int) -> torch.Tensor:
-        """The next global batch's rows ``lanes``: a LongTensor [len(lanes), window_len] of contiguous stream text."""
+        """This rank's ``rows`` of the next global batch: a LongTensor [len(rows), window_len] of contiguous stream text."""
         check_window(self.stream, self.batch_size, window_len)
         starts = []
         left = self.batch_size
@@ -118,7 +118,7 @@ class WindowLoader:
             read = self._levels[level][1]
             take = min(left, self._count(level) - read)
             first = self.batch_size - left  # global row of the first window taken here
-            mine = range(max(first, self.lanes.start), min(first + take, self.lanes.stop))
+            mine = range(max(first, self.rows.start), min(first + take, self.rows.stop))
             if mine:
                 starts.append(self._cached_starts(level, read + mine.start - first, len(mine)))
             self._levels[level][1] += take

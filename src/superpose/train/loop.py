@@ -222,7 +222,7 @@ class Trainer:
         self.parameters = parameter_counts(self.model)
         local = cfg.local_batch_size(info.world_size)
         self.loader = WindowLoader(inputs.train_stream, cfg.train.batch_size, cfg.seed,
-                                   lanes=range(info.rank * local, (info.rank + 1) * local))
+                                   rows=range(info.rank * local, (info.rank + 1) * local))
         self.state = TrainState()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
