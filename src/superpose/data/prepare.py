@@ -13,8 +13,10 @@ import itertools
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from superpose import __version__
@@ -75,6 +77,38 @@ def prepare(
     appears at out_dir unless the whole run succeeds.
     """
     out = Path(out_dir).expanduser()
+    tok = _check_arguments(sources, tokenizer, vocab_size, val_fraction, min_val_documents, seed, shard_tokens,
+                           max_bytes, encoding, errors)
+    require_empty(out, "output folder")
+
+    with atomic_dir(out) as tmp:
+        docs: Iterator[str] = itertools.chain.from_iterable(
+            iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split, encoding=encoding,
+                           errors=errors, skipped=(skipped := Skipped()))
+            for s in sources
+        )
+        cache, tok = _read_corpus(limit_bytes(docs, max_bytes) if max_bytes is not None else docs, tmp, tok,
+                                  vocab_size, progress)
+        if skipped:
+            undecoded = any(reason.startswith("not ") for reason in skipped.files)
+            say(skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else ""))
+        is_val = _choose_val(cache.count, val_fraction, min_val_documents, seed, sources)
+        tok.save(str(tmp / TOKENIZER_FILE))
+        eos, vocab = eos_id(tok), vocab_size_of(tok)
+        dtype = token_dtype(vocab)
+        order = np.arange(cache.count) if keep_order else np.random.default_rng([seed, 1]).permutation(cache.count)
+        splits = _write_shards(tmp, cache, order, is_val, tok, eos, dtype, shard_tokens, progress)
+        cache.path.unlink()
+        write_meta(tmp, _meta(tmp, dtype, vocab, eos, sources, seed, keep_order, val_fraction, max_bytes, splits))
+    for name, split in splits.items():
+        say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['bytes']:,} bytes")
+    return out
+
+
+def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int, val_fraction: float,
+                     min_val_documents: int, seed: int, shard_tokens: int, max_bytes: int | None, encoding: str,
+                     errors: str) -> Tokenizer | None:
+    """Every argument checked before anything is read or written; returns the given tokenizer, loaded."""
     if not sources:
         raise SuperposeError("no corpus given")
     check_decoding(encoding, errors)
@@ -95,68 +129,45 @@ def prepare(
         raise SuperposeError(f"shard_tokens must be at least 1, got {shard_tokens}")
     if max_bytes is not None and max_bytes < 1:
         raise SuperposeError(f"max_bytes must be positive, got {max_bytes}")
-    require_empty(out, "output folder")
+    return tok
 
-    with atomic_dir(out) as tmp:
-        skipped = Skipped()
-        docs: Iterator[str] = itertools.chain.from_iterable(
-            iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split, encoding=encoding,
-                           errors=errors, skipped=skipped)
-            for s in sources
-        )
-        if max_bytes is not None:
-            docs = limit_bytes(docs, max_bytes)
-        cache = _DocumentCache(tmp / CACHE_FILE)
-        with tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
-            recorded = cache.record(docs, bar)
-            if tok is None:
-                tok = train_tokenizer(recorded, vocab_size)
-            for _ in recorded:  # caches the corpus when no training pass consumed it
-                pass
-        if skipped:
-            undecoded = any(reason.startswith("not ") for reason in skipped.files)
-            say(skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else ""))
-        is_val = _choose_val(cache.count, val_fraction, min_val_documents, seed, sources)
 
-        tok.save(str(tmp / TOKENIZER_FILE))
-        eos = eos_id(tok)
-        vocab = vocab_size_of(tok)
-        dtype = token_dtype(vocab)
-        with ShardWriter(tmp, "train", dtype, shard_tokens) as train, ShardWriter(tmp, "val", dtype, shard_tokens) as val:
-            with tqdm(total=cache.count, desc="encoding", unit="doc", disable=not progress) as bar:
-                order = np.arange(cache.count) if keep_order else np.random.default_rng([seed, 1]).permutation(cache.count)
-                for indices, batch in _batches(cache.read(order)):
-                    encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
-                    for writer, flag in ((train, False), (val, True)):
-                        picked = [(enc.ids, text) for i, enc, text in zip(indices, encodings, batch) if is_val[i] == flag]
-                        if picked:
-                            ids = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids, _ in picked), np.int64)
-                            writer.add(ids, len(picked), sum(len(text.encode("utf-8")) for _, text in picked))
-                    bar.update(len(batch))
-            splits = {"train": train.close(), "val": val.close()}
-        cache.path.unlink()
-        write_meta(
-            tmp,
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "dtype": dtype_name(dtype),
-                "vocab_size": vocab,
-                "eos_id": eos,
-                "tokenizer": TOKENIZER_FILE,
-                "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
-                "source": list(sources),
-                "seed": seed,
-                "shuffled": not keep_order,
-                "val_fraction": val_fraction,
-                "max_bytes": max_bytes,
-                "superpose_version": __version__,
-                "splits": splits,
-            },
-        )
-    for name, split in splits.items():
-        say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['bytes']:,} bytes")
-    return out
+def _read_corpus(docs: Iterator[str], tmp: Path, tok: Tokenizer | None, vocab_size: int,
+                 progress: bool) -> tuple["_DocumentCache", Tokenizer]:
+    """One pass over the corpus: cache every document on disk and, with no tokenizer given, train one on them."""
+    cache = _DocumentCache(tmp / CACHE_FILE)
+    with tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
+        recorded = cache.record(docs, bar)
+        if tok is None:
+            tok = train_tokenizer(recorded, vocab_size)
+        for _ in recorded:  # caches the corpus when no training pass consumed it
+            pass
+    return cache, tok
+
+
+def _write_shards(tmp: Path, cache: "_DocumentCache", order: np.ndarray, is_val: np.ndarray, tok: Tokenizer, eos: int,
+                  dtype: np.dtype, shard_tokens: int, progress: bool) -> dict[str, Any]:
+    """Encode the cached documents in ``order`` into train and validation shards; returns the splits' metadata."""
+    with ShardWriter(tmp, "train", dtype, shard_tokens) as train, ShardWriter(tmp, "val", dtype, shard_tokens) as val:
+        with tqdm(total=cache.count, desc="encoding", unit="doc", disable=not progress) as bar:
+            for indices, batch in _batches(cache.read(order)):
+                encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
+                for writer, flag in ((train, False), (val, True)):
+                    picked = [(enc.ids, text) for i, enc, text in zip(indices, encodings, batch) if is_val[i] == flag]
+                    if picked:
+                        ids = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids, _ in picked), np.int64)
+                        writer.add(ids, len(picked), sum(len(text.encode("utf-8")) for _, text in picked))
+                bar.update(len(batch))
+        return {"train": train.close(), "val": val.close()}
+
+
+def _meta(tmp: Path, dtype: np.dtype, vocab: int, eos: int, sources: list[str], seed: int, keep_order: bool,
+          val_fraction: float, max_bytes: int | None, splits: dict[str, Any]) -> dict[str, Any]:
+    """meta.json: the format, the tokenizer (and its checksum), how the corpus was read and split, the shards."""
+    return {"format": FORMAT, "version": VERSION, "dtype": dtype_name(dtype), "vocab_size": vocab, "eos_id": eos,
+            "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE), "source": list(sources),
+            "seed": seed, "shuffled": not keep_order, "val_fraction": val_fraction, "max_bytes": max_bytes,
+            "superpose_version": __version__, "splits": splits}
 
 
 class _DocumentCache:
