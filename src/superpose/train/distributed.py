@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -88,8 +89,17 @@ def init_one_rank_group(device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done with it.
+
+    Gloo frees finished collectives on its worker threads, which need the GIL when a collective held Python-made
+    tensors (DCP's and our all_gather_object). A group destroyed from Python (or from DDP's reducer) joins those
+    threads while holding the GIL, so a free still pending then deadlocks the exit; the barrier and a short pause
+    with the GIL released let them finish first.
+    """
     global _host_group
     if dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
     _host_group = None
 

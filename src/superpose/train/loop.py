@@ -98,7 +98,9 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
             trainer = Trainer(cfg, inputs, checkpoint, info, device, progress)
             if resume is True and checkpoint is None:
                 trainer.console.say(f"--resume: {cfg.run_dir} holds no checkpoint yet; starting the run from step 0")
-            return trainer.fit()
+            result = trainer.fit()
+            del trainer  # the wrapped model (DDP's reducer holds the group) goes before the group does
+            return result
     finally:
         shutdown()
 
