@@ -303,8 +303,9 @@ def test_sharded_build_holds_a_fraction_of_host_memory(tmp_path):
     (tmp_path / "one").mkdir()
     (single,) = spawn(1, tmp_path / "one", "build_memory", model=model)
     sharded = spawn(2, tmp_path, "build_memory", model=model, parallel="fsdp")
-    assert single["added_kib"] > 0.9 * single["model_kib"]
-    assert all(rank["added_kib"] < 0.65 * single["added_kib"] for rank in sharded)
+    # against the model's own size: a process may reuse memory it freed earlier, so "added" can undercount
+    assert single["added_kib"] > 0.9 * single["model_kib"], (single, sharded)
+    assert all(rank["added_kib"] < 0.8 * single["model_kib"] for rank in sharded), (single, sharded)  # half + overhead
 
 
 def test_stop_between_micro_batches_agrees_across_ranks(one_process, tmp_path):

@@ -265,7 +265,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     deadline = time.monotonic() + 60  # the W&B service process may still be flushing the file after finish()
     while len(rows := wandb_history(tmp_path)) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert [(r["_step"], r["train_loss"], r["bag"]) for r in rows] == [(1, 6.5, 4), (2, 6.0, 4), (3, 5.25, 4)]
+    assert [(r["_step"], r["train/loss"], r["tst/bag"]) for r in rows] == [(1, 6.5, 4), (2, 6.0, 4), (3, 5.25, 4)]
     assert (tmp_path / WANDB_ID_FILE).read_text() in str(next(tmp_path.glob("wandb/offline-run-*")))
     assert not (tmp_path / "tb").exists()
 
