@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import torch
 
 from superpose.data.loader import WindowLoader, check_window
 from superpose.data.shards import TokenStream, open_dataset
+from superpose.provenance import provenance
 
 BATCH, SEQ_LEN = 16, 128
 TST = {"bag": 4, "ratio": 0.3}
@@ -209,8 +208,7 @@ def main() -> None:
     rows = summarize(args.work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "provenance": {**provenance(), "numpy": np.__version__},
         "data": {"path": args.data, "train_tokens": len(stream)},
         "setup": {"preset": "tiny", "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 2e-3, "schedule": "wsd",
                   "warmup_steps": 50, "decay_fraction": 0.2, "tst": TST, "eval_windows": 16 * BATCH},
