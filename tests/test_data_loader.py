@@ -18,11 +18,11 @@ from superpose.data.shards import (
     FORMAT,
     ShardWriter,
     TokenStream,
-    file_sha256,
     open_dataset,
     write_meta,
 )
 from superpose.errors import SuperposeError
+from superpose.files import file_sha256
 
 N_TRAIN = 1000
 VOCAB = 70_000  # > 65536, so this dataset is stored as uint32

@@ -15,12 +15,12 @@ from superpose.data.prepare import prepare
 from superpose.data.shards import (
     ShardWriter,
     TokenStream,
-    file_sha256,
     open_dataset,
     token_dtype,
 )
 from superpose.data.tokenizer import EOS_TOKEN, train_tokenizer
 from superpose.errors import SuperposeError
+from superpose.files import file_sha256
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu über café 東京".split()
 

@@ -89,12 +89,14 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """Streaming SHA-256 of a file (constant memory, any size)."""
+def file_sha256(path: Path) -> str:
+    """Streaming SHA-256 of a file in 8 MiB reads into one reused buffer (constant memory, any size), so a damaged,
+    tampered or swapped file is detected; hashlib releases the GIL, so threads can hash several files at once."""
     digest = hashlib.sha256()
+    buffer = memoryview(bytearray(8 << 20))
     with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
     return digest.hexdigest()
 
 

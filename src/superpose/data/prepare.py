@@ -27,7 +27,6 @@ from superpose.data.shards import (
     VERSION,
     ShardWriter,
     dtype_name,
-    file_sha256,
     token_dtype,
     write_meta,
 )
@@ -39,7 +38,7 @@ from superpose.data.tokenizer import (
     vocab_size_of,
 )
 from superpose.errors import SuperposeError
-from superpose.files import atomic_dir, require_empty
+from superpose.files import atomic_dir, file_sha256, require_empty
 
 CACHE_FILE = "documents.cache"
 ENCODE_BATCH_BYTES = 1 << 20

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from superpose.data.tokenizer import eos_id as find_eos_id
 from superpose.data.tokenizer import load_tokenizer, vocab_size_of
 from superpose.errors import SuperposeError
+from superpose.files import file_sha256
 
 FORMAT = "superpose-tokens"
 VERSION = 1
@@ -42,16 +43,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def dtype_name(dtype: np.dtype) -> str:
     """The meta.json name of a shard dtype."""
     return {v: k for k, v in DTYPES.items()}[np.dtype(dtype)]
-
-
-def file_sha256(path: Path) -> str:
-    """Hash a file in 8 MiB chunks (constant memory, any size) so a damaged, tampered or swapped file is detected."""
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(8 << 20))
-    with open(path, "rb") as f:
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-    return digest.hexdigest()
 
 
 class ShardWriter:
