@@ -30,6 +30,7 @@ from superpose.compare import (
     write_report,
 )
 from superpose.compare.isoloss import at_steps, family_lengths
+from superpose.compare.plan import SECTION_DEFAULTS
 from superpose.compare.runs import BASELINE_TST, check_warmup_fits, derive
 from superpose.errors import SuperposeError
 from superpose.train.config import TSTConfig
@@ -143,13 +144,14 @@ def test_spike_that_never_recovers_and_no_switch():
 
 def _arm(speedup, bound="", loss=5.0, spike=None, label="s4-r0.3", mode="both"):
     return SimpleNamespace(label=label, mode=mode, speedup=speedup, bound=bound, final_val_loss=loss,
-                           wall_speedup=speedup / 2, spike=spike or {})
+                           wall_speedup=speedup / 2, gpu_hours_speedup=speedup / 4, spike=spike or {})
 
 
 def test_summaries_average_seeds_and_keep_bounds():
     spike = {"height": 0.5, "measured_after": 0, "half_recovery_steps": 10}
     two = summarize([_arm(0.6, loss=5.0, spike=spike), _arm(0.8, loss=5.2, spike={**spike, "height": 0.7})])
     assert two["speedup_text"] == "0.70x ± 0.14" and two["speedup_mean"] == pytest.approx(0.7)
+    assert two["gpu_hours_speedup_mean"] == pytest.approx(0.7 / 4)
     assert two["final_val_loss_std"] == pytest.approx(math.sqrt(0.02))
     assert (two["spike_height_mean"], two["spike_measured_after_mean"]) == (pytest.approx(0.6), 0)
     assert summarize([_arm(4.0, ">"), _arm(3.0, ">")])["speedup_text"] == "> 3.00x"  # the weaker lower bound
@@ -249,7 +251,7 @@ def test_tiny_compare_matches_flops_and_reads_more_text(tiny_compare):
 @pytest.mark.slow
 def test_forked_baseline_equals_an_independent_run(tiny_compare, tmp_path):
     base, result, _ = tiny_compare
-    member = next(m for m in result.family[base.seed] if m.steps == 8)  # trunk 0-3, resumed 3-6, forked at 6
+    member = next(m for m in result.family[base.seed] if m.steps == 8)  # trunk 0-6 (kept 3 and 6), forked at 6
     alone = derive(base, "alone", tmp_path, tst=BASELINE_TST, checkpoint={"every": 0})
     run = train(alone, progress=False)
     forked = {r["step"]: (r["train_loss"], r["lr"]) for r in member.rows}
@@ -369,7 +371,8 @@ def test_the_package_exports_what_callers_import():
 
 
 def test_cli_family_default_is_the_library_default(capsys):
-    assert build_parser().parse_args(["compare", "c.toml", "--out", "o"]).family == list(DEFAULT_FAMILY)
+    assert build_parser().parse_args(["compare", "c.toml", "--out", "o"]).family is None  # the config's, else:
+    assert SECTION_DEFAULTS["family"] == list(DEFAULT_FAMILY)
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     assert f"(default {','.join(f'{m:g}' for m in DEFAULT_FAMILY)})" in " ".join(capsys.readouterr().out.split())

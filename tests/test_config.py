@@ -42,8 +42,20 @@ def test_overrides_parse_toml_values():
 
 @pytest.mark.parametrize("given", ["tst.bag=8", "tst.ratio=0.2"])
 def test_schedule_with_bag_or_ratio_is_refused(given):
-    with pytest.raises(SuperposeError, match="tst.schedule replaces tst.bag/tst.ratio"):
+    with pytest.raises(SuperposeError, match="tst.schedule and tst.bag/ratio exclude each other"):
         config_from_dict({}, [given, "tst.schedule=[[10, 4], [1.0, 1]]"])
+
+
+def test_an_overrides_choice_replaces_the_files_in_every_section():
+    """Each section's exclusive ways (bag/ratio vs schedule, path vs sources, preset vs config vs init_from): the
+    command line's choice wins over the file's, and the file alone giving two is refused."""
+    file = {"tst": {"bag": 8, "ratio": 0.2}, "data": {"path": "a"}, "model": {"preset": "tiny-qwen3"}}
+    cfg = config_from_dict(file, ["tst.schedule=[[10, 4], [1.0, 1]]", 'data.sources=[{path = "b", weight = 1}]',
+                                  "model.config=cfg.json"])
+    assert (cfg.tst.schedule, cfg.data.mixture(), cfg.model.preset, cfg.model.config) == (
+        [[10, 4], [1.0, 1]], [("b", "b", 1)], "", "cfg.json")
+    with pytest.raises(SuperposeError, match=r"model.preset and model.config exclude each other.*\(in the config\)"):
+        config_from_dict({"model": {"preset": "tiny", "config": "cfg.json"}})
 
 
 def test_int_accepted_for_float():

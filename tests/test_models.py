@@ -12,6 +12,7 @@ from superpose.models import (
     PRESETS,
     _row_blocks,
     build_model,
+    custom_config,
     describe_presets,
     expected_parameter_counts,
     init_weights,
@@ -217,3 +218,46 @@ def test_causal_sdpa_gives_the_same_logits_without_a_mask() -> None:
     plain = model(input_ids=ids).logits
     use_causal_sdpa(model)
     assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def _tiny_config(tmp_path, model_type: str, **fields) -> str:
+    from transformers import AutoConfig
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, head_dim=8, vocab_size=1024, pad_token_id=None, bos_token_id=None,
+                 eos_token_id=None)
+    AutoConfig.for_model(model_type, **{**shape, **fields}).save_pretrained(tmp_path / model_type)
+    return str(tmp_path / model_type)
+
+
+def test_buffers_and_norm_gains_are_the_familys_own(tmp_path) -> None:
+    """Gemma 3: 1 + w norms start at 0, embeddings carry sqrt(d), rotary frequencies per layer type; as transformers
+    itself initialises them, with the matrices ours (seeded), and the same after a meta build for a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    config = custom_config(_tiny_config(tmp_path, "gemma3_text"), 300)
+    ours = build_model(config, seed=0)
+    torch.manual_seed(0)
+    theirs = AutoModelForCausalLM.from_config(config)
+    assert all(torch.equal(b, dict(theirs.named_buffers())[n]) for n, b in ours.named_buffers())
+    gains = {n: p for n, p in ours.named_parameters() if p.ndim == 1}
+    assert gains and all(torch.all(p == 0) for p in gains.values())
+    assert ours.model.embed_tokens.embed_scale.item() == pytest.approx(32**0.5)
+    resumed = build_model(config, device="meta")
+    materialize(resumed, torch.device("cpu"), seed=None)
+    assert all(torch.equal(b, dict(ours.named_buffers())[n]) for n, b in resumed.named_buffers())
+
+
+def test_config_overrides_apply_to_the_configs_own_fields(tmp_path) -> None:
+    path = _tiny_config(tmp_path, "olmo2")
+    config = custom_config(path, 300, {"intermediate_size": 96, "rms_norm_eps": 1e-5, "use_cache": True})
+    assert (config.intermediate_size, config.rms_norm_eps, config.vocab_size) == (96, 1e-5, 300)
+    assert config.use_cache is False  # training never caches
+    for overrides, problem in [({"vocab_size": 8}, "comes from the prepared data"),
+                               ({"no_such_field": 1}, "olmo2 config has no such field"),
+                               ({"hidden_size": 32.5}, "must be of the type of the config's value 32 \\(int\\)"),
+                               ({"attention_bias": 1}, "must be of the type of the config's value False")]:
+        with pytest.raises(SuperposeError, match=problem):
+            custom_config(path, 300, overrides)
+    with pytest.raises(SuperposeError, match="holds no config.json"):
+        custom_config(str(tmp_path), 300)

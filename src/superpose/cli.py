@@ -18,7 +18,7 @@ def _prepare(args: argparse.Namespace) -> int:
         args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, text_field=args.text_field,
         val_fraction=args.val_fraction, seed=args.seed, max_bytes=args.max_bytes, hf_config=args.hf_config,
         hf_split=args.hf_split, progress=not args.quiet, keep_order=args.keep_order, encoding=args.encoding,
-        errors=args.errors,
+        errors=args.errors, workers=args.workers, ids_column=args.ids_column,
     )
     print(f"prepared {out}")
     return 0
@@ -64,10 +64,27 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _comparison_config(args: argparse.Namespace, tst: list[str]):
-    from .train.config import load_config
+_TITLES = {"compare": "TST vs baseline at matched FLOPs: {}", "sweep": "TST sweep over bag x ratio: {}"}
 
-    return load_config(args.config, [*args.overrides, *tst])
+
+def _comparison_config(args: argparse.Namespace, tst: list[str]):
+    """The run config; options not given on the command line come from its ``[compare]`` section, else defaults."""
+    from .compare import load_comparison
+
+    if args.config is None:
+        raise SuperposeError(f"{args.command} needs a CONFIG" + (" (or --report PLAN_DIR)" if args.command == "compare"
+                                                                 else ""))
+    if args.plan is None and args.out is None:
+        raise SuperposeError("--out is required (or --plan DIR, to write the runs as jobs)")
+    base, section = load_comparison(args.config, [*args.overrides, *tst], args.command)
+    for key, value in section.items():
+        if getattr(args, key, value) is None:
+            setattr(args, key, value)
+    return base
+
+
+def _runs(args: argparse.Namespace) -> Path:
+    return Path(args.runs or Path(args.out) / "runs")
 
 
 def _finish_report(args: argparse.Namespace, result, title: str, extra_md: str = "", extra_plots=()) -> int:
@@ -79,33 +96,69 @@ def _finish_report(args: argparse.Namespace, result, title: str, extra_md: str =
     print(f"\n{'variant':<28} {'final val loss':>16} {'iso-loss speedup':>18}")
     for x in result.summaries:
         print(f"{x['label']:<28} {x['final_val_loss_mean']:>16.4f} {x['speedup_text']:>18}")
+    waiting = sum(s["state"] != "finished" for s in result.status)
+    if waiting:
+        print(f"{waiting} of {len(result.status)} runs not finished yet (see the report)")
     print(f"{result.recommendation}\nreport: {path}")
     return 0
+
+
+def _plan(args: argparse.Namespace, base, variants, kind: str, extra: dict | None = None) -> int:
+    from .compare import write_plan
+
+    path = write_plan(Path(args.plan), base, variants, args.seeds, args.family, args.runs and Path(args.runs),
+                      args.gpus, args.nodes, kind, extra)
+    folder = path.parent
+    print(f"planned {len(variants)} TST arm(s) x {args.seeds} seed(s) and the baseline family: {path}\n"
+          f"  here:     {folder / 'run_local.sh'} [-j N]\n  torchrun: {folder / 'torchrun.sh'} JOB\n"
+          f"  SLURM:    bash {folder / 'slurm.sh'} [SBATCH OPTIONS]\n"
+          f"  report:   superpose compare --report {folder}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .compare import collect_plan, sweep_extras
+
+    if args.config is not None or args.overrides or args.plan:
+        raise SuperposeError("--report reads the plan folder's plan.json; give no CONFIG, overrides or --plan")
+    result, plan = collect_plan(Path(args.report))
+    args.out = args.out or str(Path(args.report) / "report")
+    extra_md, extra_plots = "", []
+    if plan["kind"] == "sweep":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        extra_md, extra_plots = sweep_extras(result, Path(args.out))
+    return _finish_report(args, result, _TITLES[plan["kind"]].format(plan["base"]["name"]), extra_md, extra_plots)
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, variants_for
 
+    if args.report:
+        return _report(args)
     if args.schedule and (args.bag is not None or args.ratio is not None):
         raise SuperposeError("--schedule replaces --bag/--ratio; give one or the other")
     tst = [f"tst.schedule={args.schedule}"] if args.schedule else []
     tst += [f"tst.bag={args.bag}", "tst.schedule=[]"] if args.bag is not None else []
     tst += [f"tst.ratio={args.ratio}", "tst.schedule=[]"] if args.ratio is not None else []
     base = _comparison_config(args, tst)
-    result = compare(base, variants_for(base, args.ablation), args.seeds, args.family,
-                     Path(args.runs or Path(args.out) / "runs"), progress=not args.quiet)
-    return _finish_report(args, result, f"TST vs baseline at matched FLOPs: {base.name}")
+    variants = variants_for(base, args.ablation)
+    if args.plan:
+        return _plan(args, base, variants, "compare")
+    result = compare(base, variants, args.seeds, args.family, _runs(args), progress=not args.quiet)
+    return _finish_report(args, result, _TITLES["compare"].format(base.name))
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .compare import sweep, sweep_extras
+    from .compare import grid_variants, sweep, sweep_extras
 
     base = _comparison_config(args, [])
-    result = sweep(base, args.bags, args.ratios, args.seeds, args.family,
-                   Path(args.runs or Path(args.out) / "runs"), progress=not args.quiet)
+    if args.plan:
+        variants, grid = grid_variants(base, args.bags, args.ratios)
+        return _plan(args, base, variants, "sweep", {"grid": grid})
+    result = sweep(base, args.bags, args.ratios, args.seeds, args.family, _runs(args), progress=not args.quiet)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     extra_md, extra_plots = sweep_extras(result, Path(args.out))
-    return _finish_report(args, result, f"TST sweep over bag x ratio: {base.name}", extra_md, extra_plots)
+    return _finish_report(args, result, _TITLES["sweep"].format(base.name), extra_md, extra_plots)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -184,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, help="stop reading after this many bytes of text")
     p.add_argument("--hf-config", help="hub dataset configuration name")
     p.add_argument("--hf-split", default="train", help="hub dataset split (default train)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that tokenize in parallel (default 1); the output is the same for any number")
+    p.add_argument("--ids-column", help="pre-tokenized input: the column of token-id lists in parquet, a datasets "
+                                        "folder or a hub dataset (.npy/.bin id files need none); needs --tokenizer")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -259,16 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     def comparison_options(p: argparse.ArgumentParser) -> None:
         from .compare import DEFAULT_FAMILY  # the pure part of compare: no torch at start-up
 
-        p.add_argument("config", help="TOML config of the run to compare (see configs/)")
+        p.add_argument("config", nargs="?", help="TOML config of the run to compare (see configs/; an optional "
+                                                 "[compare] section gives this command's options, see configs/paper/)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
-        p.add_argument("--seeds", type=int, default=1, help="seeds per arm, each with its own baseline family "
-                                                            "(report: mean and spread; default 1)")
-        p.add_argument("--family", type=_floats, default=list(DEFAULT_FAMILY),
+        p.add_argument("--seeds", type=int, help="seeds per arm, each with its own baseline family "
+                                                 "(report: mean and spread; default 1)")
+        p.add_argument("--family", type=_floats,
                        help="baseline lengths as multiples of train.steps, must include 1 (default "
                             f"{','.join(f'{m:g}' for m in DEFAULT_FAMILY)})")
-        p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
-        p.add_argument("--runs", help="folder of the runs (default OUT/runs); finished runs with the same config "
-                                      "are reused, so comparisons can share baselines")
+        p.add_argument("--out", help="folder for report.md, report.json and the plots (required unless --plan)")
+        p.add_argument("--runs", help="folder of the runs (default OUT/runs, or PLAN/runs); finished runs with the "
+                                      "same config are reused, so comparisons can share baselines")
+        p.add_argument("--plan", metavar="DIR",
+                       help="train nothing: write every run as a run config, plan.json (the dependency graph) and "
+                            "launchers (run_local.sh, torchrun.sh, slurm.sh) into DIR (see docs/cluster.md)")
+        p.add_argument("--gpus", type=int, help="with --plan: GPUs per node of each run (default 1)")
+        p.add_argument("--nodes", type=int, help="with --plan: nodes of each run (default 1)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("compare", help="iso-loss speedup of TST over a baseline at matched FLOPs",
@@ -279,16 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bag", type=int, help="TST bag size s (default: the config's tst.bag)")
     p.add_argument("--ratio", type=float, help="fraction of steps in superposition r (default: the config's)")
     p.add_argument("--schedule", help="multi-stage bags as TOML, e.g. '[[0.1, 8], [0.2, 4], [1.0, 1]]'")
-    p.add_argument("--ablation", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=["both"],
+    p.add_argument("--ablation", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
                    help="objectives to run, comma-separated: both (TST), input, output (default both)")
+    p.add_argument("--report", metavar="PLAN_DIR",
+                   help="train nothing: collect the report of a --plan folder from whatever has finished (into "
+                        "--out, default PLAN_DIR/report)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("sweep", help="compare over a grid of bag sizes x ratios, with heatmaps",
                        description="Run compare for every (bag, ratio) of the grid, sharing the baseline family; "
                                    "write a grid table and heatmaps of final loss and iso-loss speedup.")
     comparison_options(p)
-    p.add_argument("--bags", type=_ints, default=[2, 4, 8], help="bag sizes (default 2,4,8)")
-    p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3], help="ratios (default 0.1,0.2,0.3)")
+    p.add_argument("--bags", type=_ints, help="bag sizes (default 2,4,8)")
+    p.add_argument("--ratios", type=_floats, help="ratios (default 0.1,0.2,0.3)")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("config", help="every config key with its default and meaning (Markdown)")

@@ -42,10 +42,12 @@ PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 which ``save_pretrained`` writes, does not exist in 4.x)."""
 
 
-def hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
-    """The data's tokenizer as a ``transformers`` tokenizer; EOS (which separates documents) also pads."""
+def hf_tokenizer(tokenizer: Tokenizer, max_length: int | None) -> PreTrainedTokenizerFast:
+    """The data's tokenizer as a ``transformers`` tokenizer; EOS (which separates documents) also pads.
+    ``max_length``: the model's context, None for a family without one (transformers' unbounded default)."""
     eos = tokenizer.id_to_token(eos_id(tokenizer))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, model_max_length=max_length)
+    limit = {"model_max_length": max_length} if max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, **limit)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -96,11 +98,11 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     load_checkpoint(checkpoint, model, None)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
     eos = eos_id(tokenizer)
-    # The presets leave special ids to the data (see models.model_config); a deployed model needs them.
+    # Presets and model.config leave special ids to the data (see models.custom_config); a deployed model needs them.
     model.config.eos_token_id = model.config.pad_token_id = eos
     model.config.use_cache = True
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos)
-    return model.eval(), hf_tokenizer(tokenizer, model.config.max_position_embeddings)
+    return model.eval(), hf_tokenizer(tokenizer, getattr(model.config, "max_position_embeddings", None))
 
 
 def is_export(path: Path) -> bool:

@@ -11,14 +11,21 @@ holds the mean embedding of a bag of tokens), so its model FLOPs equal `flops_pe
 only the bag mean and the multi-hot target gather are extra, see `superpose_overhead_flops`.
 
 `mfu` sets those model FLOPs per second against the GPU's dense bf16 peak (`peak_bf16_flops`, by device name). The
-parameter arithmetic (attention, MLP/experts, head width) is `superpose.models`', shared with its count checks.
+parameter arithmetic (attention, MLP/experts, head width) is `superpose.models`', shared with its count checks; it
+describes the preset families (bias-free attention, SwiGLU MLP). Any other family (``model.config``) counts its
+matmul parameters on a weightless build instead (`counted_matmul_parameters`): the same 6 * N * T convention, with N
+read off the model rather than derived from its shape (the two agree on the presets).
 """
 
 from __future__ import annotations
 
+import torch
 from transformers import PretrainedConfig
 
-from .models import attention_parameters, mlp_parameters, resolve_head_dim
+from .models import attention_parameters, build_model, mlp_parameters, moe_shape, resolve_head_dim
+
+_ARITHMETIC_FAMILIES = frozenset({"llama", "qwen3", "qwen3_moe", "smollm3"})
+"""Model types whose matmul parameters the preset arithmetic describes exactly."""
 
 
 def _is_sparse_layer(config: PretrainedConfig, layer: int) -> bool:
@@ -30,8 +37,27 @@ def _is_sparse_layer(config: PretrainedConfig, layer: int) -> bool:
     return layer not in dense_only and (layer + 1) % step == 0
 
 
+def counted_matmul_parameters(config: PretrainedConfig) -> int:
+    """:func:`matmul_parameters` for any family, counted on a meta-device build: every weight of two or more
+    dimensions except embedding lookups (token, position), routed experts at ``experts per token / experts``, plus
+    the LM head when it is tied to the embedding."""
+    model = build_model(config, device="meta")
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    experts, top_k = moe_shape(config)
+    total = 0
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or id(param) in lookups:
+            continue
+        routed = experts and ".experts." in f".{name}"
+        total += param.numel() * top_k // experts if routed else param.numel()
+    head = model.get_output_embeddings().weight
+    return total + (head.numel() if id(head) in lookups else 0)
+
+
 def matmul_parameters(config: PretrainedConfig) -> int:
     """Active parameters that take part in matmuls per position, LM head included, embeddings lookup not."""
+    if config.model_type not in _ARITHMETIC_FAMILIES:
+        return counted_matmul_parameters(config)
     total = config.vocab_size * config.hidden_size  # LM head (a matmul even when tied to the embedding)
     for layer in range(config.num_hidden_layers):
         total += attention_parameters(config) + mlp_parameters(config, _is_sparse_layer(config, layer))[1]
@@ -40,7 +66,8 @@ def matmul_parameters(config: PretrainedConfig) -> int:
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> int:
     """Forward + backward model FLOPs per position at context length `seq_len` (PaLM convention)."""
-    attention_scores = 12 * config.num_hidden_layers * config.num_attention_heads * resolve_head_dim(config) * seq_len
+    heads = getattr(config, "num_attention_heads", 0) or 0  # 0: a family without attention (no score matrix)
+    attention_scores = 12 * config.num_hidden_layers * heads * resolve_head_dim(config) * seq_len if heads else 0
     return 6 * matmul_parameters(config) + attention_scores
 
 

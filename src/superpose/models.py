@@ -1,19 +1,25 @@
-"""Model presets, construction and initialisation.
+"""Model presets and any other transformers causal LM: configs, construction, initialisation, weights.
 
-Every model is built from a config written here (no hub downloads), so a run is fully defined by a
-preset name, a vocabulary size and a seed. We initialise weights ourselves rather than trusting each
-transformers architecture's `_init_weights`, so that TST and baseline runs of any family start from
-the same, seed-determined distribution regardless of the transformers version.
+A preset is a config written here (no hub downloads), so a run is fully defined by a preset name, a vocabulary size
+and a seed. Any other decoder-only causal LM comes from a config.json (:func:`custom_config`) or, to continue
+pretraining, from a model folder with its weights (:func:`pretrained_config`, :func:`read_pretrained`); families the
+TST input path cannot drive are refused in one line (:func:`check_trainable`). We draw every matrix ourselves rather
+than trusting each architecture's ``_init_weights``, so that TST and baseline runs of any family start from the same,
+seed-determined distribution regardless of the transformers version; only norm gains and buffers (rotary
+frequencies, embedding scales) are left to the family's own init, which computes them without randomness.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import inspect
 import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -21,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import (
     AttentionInterface,
+    AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     PretrainedConfig,
@@ -28,10 +35,14 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
 )
+from transformers import initialization as hf_init
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from superpose.errors import SuperposeError
+from superpose.files import first_line
 
 _HAS_SMOLLM3 = hasattr(transformers, "SmolLM3Config")
 
@@ -45,8 +56,19 @@ def use_causal_sdpa(model: PreTrainedModel) -> None:
 
     With ``sdpa`` transformers inspects ``position_ids`` for packed sequences on every forward, a host-device sync;
     under this name it skips mask building, and SDPA runs with ``is_causal=True``: the same logits bit for bit.
+    Only for families whose every layer attends fully causally through SDPA: sliding windows (Mistral, Gemma 3)
+    need the mask transformers builds, and families without SDPA keep their own attention.
     """
-    model.set_attn_implementation(CAUSAL_SDPA)
+    if model._supports_sdpa and _fully_causal(model.config):
+        model.set_attn_implementation(CAUSAL_SDPA)
+
+
+def _fully_causal(config: PretrainedConfig) -> bool:
+    """Whether every layer attends to all earlier positions (no sliding window, no linear or chunked attention)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
 @dataclass(frozen=True)
@@ -350,6 +372,158 @@ def model_config(preset: str, vocab_size: int | None = None, **overrides: object
     raise AssertionError(f"preset {p.name} has unhandled family {p.family}")
 
 
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+"""Config fields with which a causal LM changes its logits after the LM head (Gemma 2's soft cap, Cohere's and
+Granite's scales), and the value that leaves them alone. TST scores the head's own output (fused with the loss when
+``train.loss_chunk`` is set), so such a model would train on other logits than it serves with."""
+
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _load_config(source: str, key: str) -> PretrainedConfig:
+    """A transformers config from a config.json, a folder holding one, or a hub name; one line when it cannot be."""
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith((".", "/", "~")) or path.suffix == ".json"):
+        raise SuperposeError(f"{key}: {source} not found")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise SuperposeError(f"{key}: {source} holds no config.json")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else source)
+    except Exception as e:  # transformers reports a bad file, an unknown model_type or a hub failure many ways
+        raise SuperposeError(f"{key}: cannot read a transformers config from {source}: {first_line(e)}") from None
+
+
+def _check_causal_lm(config: PretrainedConfig, key: str, source: str) -> None:
+    """Refuse configs that are no decoder-only causal LM, before any model is built."""
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise SuperposeError(f"{key}: {source} is {kind}, an encoder-decoder model; TST trains decoder-only causal LMs")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise SuperposeError(f"{key}: {source} is {kind}, which is not a causal LM (AutoModelForCausalLM cannot "
+                             f"build it); TST trains decoder-only causal LMs")
+
+
+def _config_override(config: PretrainedConfig, name: str, value: object) -> object:
+    """An override of a field the config has, of the type its value has (ints for sizes, finite floats, bools)."""
+    if name == "vocab_size":
+        raise SuperposeError("model.overrides.vocab_size: the vocabulary size comes from the prepared data")
+    if not hasattr(config, name):
+        raise SuperposeError(f"model.overrides.{name}: a {config.model_type} config has no such field")
+    current = getattr(config, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if current is None or (isinstance(current, str) and isinstance(value, str)):
+        return value
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = number and isinstance(value, int)
+    elif isinstance(current, float):
+        ok = number and math.isfinite(value)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        raise SuperposeError(f"model.overrides.{name}: must be of the type of the config's value "
+                             f"{current!r} ({type(current).__name__}), got {value!r}")
+    return value
+
+
+def _with_overrides(config: PretrainedConfig, overrides: dict[str, object] | None) -> PretrainedConfig:
+    for name, value in (overrides or {}).items():
+        setattr(config, name, _config_override(config, name, value))
+    return config
+
+
+def custom_config(source: str, vocab_size: int, overrides: dict[str, object] | None = None) -> PretrainedConfig:
+    """``model.config``: any transformers causal LM's config (a config.json, a folder holding one, a hub name), at
+    the data's vocabulary size, for a seeded init.
+
+    A config whose vocabulary is smaller than the data's is refused (its embedding cannot hold every token id); a
+    larger one is cut to the data's, as presets are. Special token ids belong to the data's tokenizer, so the
+    config's are dropped (export sets the data's EOS); ``overrides`` change fields the config has.
+    """
+    config = _load_config(source, "model.config")
+    _check_causal_lm(config, "model.config", source)
+    config = _with_overrides(config, overrides)
+    if config.vocab_size < vocab_size:
+        raise SuperposeError(f"model.config: {source} has vocab_size {config.vocab_size}, smaller than the "
+                             f"{vocab_size} token ids of the data")
+    config.vocab_size = vocab_size
+    for name in _TOKEN_IDS:
+        setattr(config, name, None)
+    config.use_cache = False
+    return config
+
+
+def pretrained_config(folder: str, vocab_size: int, overrides: dict[str, object] | None = None) -> PretrainedConfig:
+    """``model.init_from``: the config of a transformers model folder, whose weights the run starts from.
+
+    The vocabulary stays the folder's (its weights have that shape): it must hold the data's token ids, and may be
+    larger (a padded vocabulary, e.g. Qwen's) only when the folder has a tokenizer.json, which the trainer checks
+    against the data's. ``overrides`` change fields the config has (a shape change no longer fits the weights).
+    """
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise SuperposeError(f"model.init_from: {folder} is not a model folder (it holds no config.json)")
+    config = _load_config(str(path), "model.init_from")
+    _check_causal_lm(config, "model.init_from", folder)
+    config = _with_overrides(config, overrides)
+    if config.vocab_size < vocab_size or (config.vocab_size > vocab_size
+                                          and not (path / "tokenizer.json").is_file()):
+        raise SuperposeError(f"model.init_from: {folder} has vocab_size {config.vocab_size} but the data has "
+                             f"{vocab_size} token ids; they must be equal (or the folder's larger, padded, with a "
+                             f"tokenizer.json that matches the data's)")
+    config.use_cache = False
+    return config
+
+
+def read_pretrained(folder: str, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """Every weight of a transformers model folder, in float32 on the CPU, for a model built from ``config``.
+
+    ``from_pretrained`` reads it, so sharded safetensors and the checkpoint layouts transformers converts on load
+    work as they do there; weights the folder lacks for ``config``, or has in another shape, are a one-line error.
+    """
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the trainer reports progress itself
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), config=copy.deepcopy(config),
+                                                           dtype=torch.float32, output_loading_info=True)
+    except Exception as e:  # safetensors, torch and transformers each report damage and mismatches their own way
+        raise SuperposeError(f"model.init_from: cannot load the weights in {folder}: {first_line(e)}") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info["missing_keys"])  # weights of another shape raise above
+    if missing:
+        raise SuperposeError(f"model.init_from: {folder} lacks weights the model needs: {', '.join(missing[:3])}")
+    return model.state_dict()
+
+
+def check_trainable(model: PreTrainedModel) -> None:
+    """Refuse, in one line, a model the TST input path cannot drive: TST feeds bag means to the backbone as
+    ``inputs_embeds`` and scores the LM head's output, so it needs both embeddings and unaltered head logits."""
+    kind, backbone = model.config.model_type, model.base_model
+    if backbone is model or "inputs_embeds" not in inspect.signature(backbone.forward).parameters:
+        raise SuperposeError(f"model family {kind}: its backbone takes no inputs_embeds, so TST cannot feed it "
+                             f"bag means")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or not isinstance(head, torch.nn.Linear):
+        raise SuperposeError(f"model family {kind}: TST needs a token embedding table and a linear LM head "
+                             f"(get_input_embeddings / get_output_embeddings)")
+    if head not in model.children():
+        raise SuperposeError(f"model family {kind}: its LM head is more than one linear layer on the backbone's "
+                             f"output, which TST's loss would skip")
+    if type(embedding).forward is not torch.nn.Embedding.forward and not hasattr(embedding, "embed_scale"):
+        raise SuperposeError(f"model family {kind}: its embedding module ({type(embedding).__name__}) changes "
+                             f"lookups in a way TST's bag means do not reproduce")
+    for name, identity in _LOGIT_TRANSFORMS.items():
+        value = getattr(model.config, name, identity)
+        if value != identity:
+            neutral = "null" if identity is None else identity
+            raise SuperposeError(f"model family {kind}: it changes its logits after the LM head ({name} = {value}), "
+                                 f"which the TST loss does not apply; set {name} to {neutral} in its config.json")
+
+
 def build_model(
     preset_or_config: str | PretrainedConfig,
     vocab_size: int | None = None,
@@ -372,6 +546,7 @@ def build_model(
         config = model_config(preset_or_config, vocab_size, **overrides)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_trainable(model)
     device = torch.device(device)
     if device.type != "meta":
         materialize(model, device, seed)
@@ -382,27 +557,52 @@ def build_model(
 def materialize(model: PreTrainedModel, device: torch.device, seed: int | None) -> None:
     """Give a meta-built model (plain or already sharded by FSDP2) real storage on ``device``.
 
-    Each rank allocates only its shard; buffers (rotary frequencies) are recomputed from the config; ``seed`` draws
-    the weights with :func:`init_weights`, ``None`` leaves them uninitialised for a checkpoint to fill.
+    Each rank allocates only its shard; buffers and norm gains are set as the family's own init sets them
+    (:func:`family_defaults`); ``seed`` draws the weights with :func:`init_weights`, ``None`` leaves them
+    uninitialised for a checkpoint (or ``model.init_from``) to fill.
     """
     model.to_empty(device=device)
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         model.tie_weights()  # to_empty gives each module its own tensor; FSDP2 keeps a shared parameter shared
-    for module in model.modules():
-        own = dict(module.named_buffers(recurse=False))
-        if own:  # only rotary embeddings hold buffers in these families: rebuild them from the config
-            fresh = dict(type(module)(model.config).named_buffers(recurse=False))
-            for name, buffer in own.items():
-                buffer.copy_(fresh[name])
-    if seed is not None:
+    if seed is None:
+        family_defaults(model)
+    else:
         init_weights(model, seed)
+
+
+def _seeded(name: str, param: torch.Tensor) -> bool:
+    """Parameters :func:`init_weights` draws (matrices, embeddings, fused experts) or zeroes (biases)."""
+    return param.ndim >= 2 or name.endswith("bias")
+
+
+@torch.no_grad()
+def family_defaults(model: PreTrainedModel) -> None:
+    """Buffers (rotary frequencies, embedding scales) and norm gains as the family's own ``_init_weights`` sets them
+    (1, or 0 for Gemma's ``1 + w`` norms), with nothing drawn: every parameter we seed is marked as initialised, the
+    flag transformers' init functions honour, for the duration of the call.
+    """
+    seeded = [p for n, p in model.named_parameters() if _seeded(n, p)]
+    for param in seeded:
+        param._is_hf_initialized = True
+    try:
+        with hf_init.guard_torch_init_functions():
+            for module in model.modules():
+                model._init_weights(module)
+    finally:
+        for param in seeded:
+            del param._is_hf_initialized
+
+
+_OUTPUT_PROJECTIONS = frozenset({"o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "w2"})
+"""Residual-stream writers across families: Llama-style, GPT-2 (c_proj), GPT-NeoX/Falcon/Phi (dense, dense_4h_to_h,
+fc2), OPT (out_proj), Mixtral-style experts (w2)."""
 
 
 def _is_output_projection(name: str) -> bool:
     """Projections that write into the residual stream (attention out, MLP/expert down)."""
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "weight" else parts[-1]
-    return leaf in ("o_proj", "down_proj")
+    return leaf in _OUTPUT_PROJECTIONS
 
 
 _BLOCK_ELEMENTS = 1 << 20
@@ -442,20 +642,28 @@ def init_weights(model: PreTrainedModel, seed: int, std: float = 0.02) -> None:
     A parameter's values depend only on the seed, its name and the row, so a rank holding an FSDP2 shard draws just
     its rows and gets exactly what a single process draws for them; the device, dtype and global RNG play no part.
     Residual-stream writers are scaled by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
-    Tied weights appear once in `named_parameters()` and are drawn once.
+    Tied weights appear once in `named_parameters()` and are drawn once. Norm gains and buffers are the family's
+    (:func:`family_defaults`).
     """
+    family_defaults(model)
     out_std = std / math.sqrt(2 * model.config.num_hidden_layers)
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             param.zero_()
-        elif param.ndim == 1:  # RMSNorm gains (layer, final, qk-norm)
-            param.fill_(1.0)
-        else:  # embeddings, linear layers, fused expert tensors, routers
+        elif _seeded(name, param):  # embeddings, linear layers, fused expert tensors, routers
             local = param.to_local() if isinstance(param, DTensor) else param
             start, stop = _local_rows(param)
             scale = out_std if _is_output_projection(name) else std
             for row, values in _row_blocks(param.shape, start, stop, scale, seed, name):
                 local[row - start:row - start + values.shape[0]].copy_(values)
+
+
+def moe_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(routed experts, experts per token) of a mixture-of-experts config, whatever the family calls them
+    (``num_experts``: Qwen-MoE, OLMoE; ``num_local_experts``: Mixtral; ``n_routed_experts``: DeepSeek); (0, 0) dense."""
+    experts = next((int(v) for name in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if (v := getattr(config, name, None))), 0)
+    return (experts, int(config.num_experts_per_tok)) if experts else (0, 0)
 
 
 def router_aux_loss(lm: PreTrainedModel, outputs: ModelOutput) -> torch.Tensor | None:
@@ -470,7 +678,7 @@ def router_aux_loss(lm: PreTrainedModel, outputs: ModelOutput) -> torch.Tensor |
     if not logits:
         return None
     loss_fn = sys.modules[type(lm).__module__].load_balancing_loss_func
-    return loss_fn(logits, lm.config.num_experts, lm.config.num_experts_per_tok, None)
+    return loss_fn(logits, *moe_shape(lm.config), None)
 
 
 def _expert_parameter_numel(model: PreTrainedModel) -> int:
@@ -485,12 +693,11 @@ def parameter_counts(model_or_config: PreTrainedModel | PretrainedConfig) -> tup
     else:
         model = model_or_config
     total = sum(p.numel() for p in model.parameters())
-    num_experts = getattr(model.config, "num_experts", 0) or 0
+    num_experts, top_k = moe_shape(model.config)
     if not num_experts:
         return total, total
     per_expert = _expert_parameter_numel(model) // num_experts
-    idle = num_experts - model.config.num_experts_per_tok
-    return total, total - per_expert * idle
+    return total, total - per_expert * (num_experts - top_k)
 
 
 def expected_parameter_counts(

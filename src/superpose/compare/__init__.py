@@ -16,10 +16,11 @@ members are trained from scratch.
 Runs live in ``RUNS/seed-N/NAME``; a finished run whose config matches is reused, an interrupted one continued, so
 comparisons that share a runs folder (a sweep, a trend study) train each baseline once.
 
-Modules: ``isoloss`` (the arithmetic: pure, no files, no torch), ``runs`` (the family and the arms, through the
-trainer's public API), ``report`` (Markdown, JSON, plots), ``grid`` (the sweep over a bag x ratio grid). The pure
-names are imported here at once, the others on first use, so ``superpose.compare.isoloss`` and ``DEFAULT_FAMILY``
-(read by the CLI's parser) load without torch.
+Modules: ``isoloss`` (the arithmetic: pure, no files, no torch), ``runs`` (the family and the arms as jobs, through
+the trainer's public API), ``report`` (Markdown, JSON, plots), ``grid`` (the sweep over a bag x ratio grid), ``plan``
+(the jobs as run configs, a dependency graph and launchers for a cluster; the report of whatever has finished).
+The pure names are imported here at once, the others on first use, so ``superpose.compare.isoloss`` and
+``DEFAULT_FAMILY`` (read by the CLI's parser) load without torch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .isoloss import (
     DEFAULT_FAMILY,
     IsoLoss,
     format_speedup,
+    iso_loss_partial,
     iso_loss_steps,
     measure_spike,
     recommend,
@@ -39,15 +41,16 @@ from .isoloss import (
 )
 
 _LAZY = {
-    "runs": ("Arm", "Comparison", "Member", "Variant", "baseline_family", "compare", "run_arm", "variant_label",
+    "runs": ("Arm", "Comparison", "Job", "Member", "Variant", "collect", "compare", "plan_jobs", "variant_label",
              "variants_for"),
     "report": ("provenance", "report_markdown", "write_report"),
-    "grid": ("sweep", "sweep_extras"),
+    "grid": ("grid_variants", "sweep", "sweep_extras"),
+    "plan": ("collect_plan", "load_comparison", "read_plan", "write_plan"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
-__all__ = ["DEFAULT_FAMILY", "IsoLoss", "format_speedup", "iso_loss_steps", "measure_spike", "recommend", "summarize",
-           "switch_to_tokens", *_MODULE_OF]
+__all__ = ["DEFAULT_FAMILY", "IsoLoss", "format_speedup", "iso_loss_partial", "iso_loss_steps", "measure_spike",
+           "recommend", "summarize", "switch_to_tokens", *_MODULE_OF]
 
 
 def __getattr__(name: str) -> Any:

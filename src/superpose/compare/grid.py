@@ -11,31 +11,41 @@ from ..errors import SuperposeError
 from ..train.config import RunConfig
 from .isoloss import DEFAULT_FAMILY
 from .report import markdown_table
-from .runs import Comparison, compare, variants_for
+from .runs import Comparison, Variant, compare, variants_for
+
+
+def grid_variants(base: RunConfig, bags: Sequence[int], ratios: Sequence[float]) -> tuple[list[Variant], dict]:
+    """The two-phase TST variants of the grid bags x ratios, and the grid (bags, ratios, labels) a report draws."""
+    if not bags or not ratios:
+        raise SuperposeError("sweep needs at least one bag and one ratio")
+    grid = [[variants_for(base, ("both",), bag=bag, ratio=ratio, schedule=[])[0] for ratio in ratios] for bag in bags]
+    labels = [[v.label for v in row] for row in grid]
+    return [v for row in grid for v in row], {"bags": list(bags), "ratios": list(ratios), "labels": labels}
 
 
 def sweep(base: RunConfig, bags: Sequence[int], ratios: Sequence[float], seeds: int = 1,
           family: Sequence[float] = DEFAULT_FAMILY, runs: Path | None = None, progress: bool = True) -> Comparison:
     """A compare over the grid bags x ratios (two-phase TST), sharing each seed's baseline family."""
-    if not bags or not ratios:
-        raise SuperposeError("sweep needs at least one bag and one ratio")
-    grid = [[variants_for(base, ("both",), bag=bag, ratio=ratio, schedule=[])[0] for ratio in ratios] for bag in bags]
-    result = compare(base, [v for row in grid for v in row], seeds, family, runs, progress)
-    labels = [[v.label for v in row] for row in grid]
-    result.extra["grid"] = {"bags": list(bags), "ratios": list(ratios), "labels": labels}
+    variants, grid = grid_variants(base, bags, ratios)
+    result = compare(base, variants, seeds, family, runs, progress)
+    result.extra["grid"] = grid
     return result
 
 
 def sweep_extras(result: Comparison, out: Path) -> tuple[str, list[str]]:
-    """The sweep's grid table (final loss and speedup per bag x ratio) and its heatmap."""
+    """The sweep's grid table (final loss and speedup per bag x ratio) and its heatmap (once every cell has an
+    arm: a plan's report may be collected while some still run)."""
     bags, ratios = result.extra["grid"]["bags"], result.extra["grid"]["ratios"]
     by_label = {x["label"]: x for x in result.summaries}
-    cells = [[by_label[label] for label in row] for row in result.extra["grid"]["labels"]]
+    cells = [[by_label.get(label) for label in row] for row in result.extra["grid"]["labels"]]
     table = markdown_table(["bag \\ ratio", *[f"{r:g}" for r in ratios]],
-                   [[bag, *[f"{c['final_val_loss_mean']:.4f} / {c['speedup_text']}" for c in row]]
-                    for bag, row in zip(bags, cells)])
+                   [[bag, *[f"{c['final_val_loss_mean']:.4f} / {c['speedup_text']}" if c else "running"
+                            for c in row]] for bag, row in zip(bags, cells)])
+    md = "\n## Grid: final val loss / iso-loss speedup\n\n" + table + "\n"
+    if any(c is None for row in cells for c in row):
+        return md, []
     heat = plots.plot_heatmaps(out / "sweep_heatmap.png", bags, ratios,
                                [[c["final_val_loss_mean"] for c in row] for row in cells],
                                [[c["speedup_mean"] for c in row] for row in cells],
                                [[c["speedup_text"] for c in row] for row in cells])
-    return "\n## Grid: final val loss / iso-loss speedup\n\n" + table + "\n", [str(heat)]
+    return md, [str(heat)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +65,20 @@ def iso_loss_steps(lengths: Sequence[float], losses: Sequence[float], target: fl
             frac = (l0 - target) / (l0 - l1)
             return IsoLoss(math.exp(math.log(s0) + frac * (math.log(s1) - math.log(s0))), "")
     return IsoLoss(pairs[-1][0], ">")
+
+
+def iso_loss_partial(lengths: Sequence[float], losses: Mapping[float, float], target: float) -> IsoLoss:
+    """:func:`iso_loss_steps` over the finished members (``losses``: length -> final loss) of a family planned with
+    ``lengths``. Outside them it is a bound as usual; between two finished members with an unfinished one in between,
+    where the crossing lies is not known yet, so it is the lower bound at the shorter of the two."""
+    iso = iso_loss_steps(list(losses), list(losses.values()), target)
+    if iso.bound:
+        return iso
+    below = max(s for s in losses if s <= iso.baseline_steps)
+    above = min(s for s in losses if s >= iso.baseline_steps)
+    if any(below < s < above for s in lengths if s not in losses):
+        return IsoLoss(below, ">")
+    return iso
 
 
 def at_steps(lengths: Sequence[float], values: Sequence[float], steps: float) -> float:
@@ -138,6 +152,7 @@ def summarize(arms: Sequence[Arm]) -> dict[str, Any]:
         "label": arms[0].label, "mode": arms[0].mode, "seeds": len(arms), "speedup_text": text,
         "speedup_mean": statistics.fmean(values), "speedup_std": std, "bounded": bounds != {""},
         "wall_speedup_mean": statistics.fmean(a.wall_speedup for a in arms),
+        "gpu_hours_speedup_mean": statistics.fmean(a.gpu_hours_speedup for a in arms),
         "final_val_loss_mean": statistics.fmean(losses),
         "final_val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         "spike_height_mean": _mean_or_none([s["height"] for s in spikes]),

@@ -22,8 +22,13 @@ METHOD = (
     "speedup). The baseline steps are read off a family of finished baselines (each with its own LR decay), linearly "
     "in log(steps) between the two members that bracket the TST loss; WSD members are forked from one constant-LR "
     "trunk at their decay start. A TST loss below every member gives a lower bound (> longest/T), above every "
-    "member an upper bound (< shortest/T). Wall-clock speedup: baseline wall time interpolated at those steps over "
-    "the TST run's wall time. Spread: sample standard deviation over seeds (each seed has its own family)."
+    "member an upper bound (< shortest/T); while a plan's runs are still going, a TST loss between two finished "
+    "members with an unfinished one in between is a lower bound at the shorter one. Wall-clock and GPU-hours "
+    "speedups: the baseline's wall time (GPU-hours) interpolated at those steps over the TST run's. Accounting: a "
+    "run's wall time is its metrics' clock (training, evaluation and checkpoints; time lost to a kill after the last "
+    "checkpoint is not counted); GPU-hours = wall time x world size (run.json), summed over ranks; a forked member "
+    "costs the trunk's time up to its fork plus its own steps, as a baseline of that length trained alone would. "
+    "Spread: sample standard deviation over seeds (each seed has its own family)."
 )
 
 SPIKE_NOTE = (
@@ -71,9 +76,10 @@ def _spike_cell(height: float | None, after: float | None) -> str:
 def _summary(comparison: Comparison) -> list[str]:
     return ["## Summary", "", markdown_table(
         ["variant", "seeds", "final val loss", "iso-loss speedup (steps = FLOPs)", "wall-clock speedup",
-         "spike (nat) [steps after the switch]", "half-recovery (steps)"],
+         "GPU-hours speedup", "spike (nat) [steps after the switch]", "half-recovery (steps)"],
         [[x["label"], x["seeds"], f"{x['final_val_loss_mean']:.4f} ± {x['final_val_loss_std']:.4f}", x["speedup_text"],
-          f"{x['wall_speedup_mean']:.2f}x", _spike_cell(x["spike_height_mean"], x["spike_measured_after_mean"]),
+          f"{x['wall_speedup_mean']:.2f}x", f"{x['gpu_hours_speedup_mean']:.2f}x",
+          _spike_cell(x["spike_height_mean"], x["spike_measured_after_mean"]),
           _fmt(x["half_recovery_steps_mean"], ".0f")] for x in comparison.summaries])]
 
 
@@ -94,11 +100,12 @@ def _ablation(comparison: Comparison) -> list[str]:
 def _runs(comparison: Comparison) -> list[str]:
     return ["", "## Runs", "", markdown_table(
         ["variant", "seed", "final val loss", "baseline steps at that loss", "speedup", "FLOPs speedup",
-         "wall s", "wall speedup", "text tokens", "spike", "measured at", "own jump", "half-recovery", "recovered",
-         "final gap"],
+         "wall s", "wall speedup", "GPU-h", "GPU-h speedup", "text tokens", "spike", "measured at", "own jump",
+         "half-recovery", "recovered", "final gap"],
         [[a.label, a.seed, f"{a.final_val_loss:.4f}", f"{a.bound} {a.baseline_steps:.0f}".strip(),
           format_speedup(a.speedup, a.bound), format_speedup(a.flops_speedup, a.bound), f"{a.wall_time:.0f}",
-          format_speedup(a.wall_speedup, a.bound), f"{a.text_tokens:,}", _fmt(a.spike.get("height"), ".3f"),
+          format_speedup(a.wall_speedup, a.bound), f"{a.gpu_hours:.3g}", format_speedup(a.gpu_hours_speedup, a.bound),
+          f"{a.text_tokens:,}", _fmt(a.spike.get("height"), ".3f"),
           f"step {a.spike['measured_at']} [+{a.spike['measured_after']}]" if a.spike else "–",
           _fmt(a.spike.get("jump"), "+.3f"), _fmt(a.spike.get("half_recovery_steps"), "d"),
           _fmt(a.spike.get("recovery_steps"), "d"), _fmt(a.spike.get("final_gap"), "+.3f")]
@@ -107,16 +114,28 @@ def _runs(comparison: Comparison) -> list[str]:
 
 def _family(comparison: Comparison) -> list[str]:
     return ["", "## Baseline family", "", markdown_table(
-        ["seed", "steps", "forked at", "final val loss", "wall s"],
-        [[seed, m.steps, m.fork, f"{m.final_val_loss:.4f}", f"{m.wall_time:.0f}"]
+        ["seed", "steps", "forked at", "final val loss", "wall s", "GPU-h (trunk share included)"],
+        [[seed, m.steps, m.fork, f"{m.final_val_loss:.4f}", f"{m.wall_time:.0f}", f"{m.gpu_hours:.3g}"]
          for seed, ms in comparison.family.items() for m in ms])]
+
+
+def _status(comparison: Comparison) -> list[str]:
+    """The runs not finished yet (a plan collected early); nothing when every run has finished."""
+    waiting = [s for s in comparison.status if s["state"] != "finished"]
+    if not waiting:
+        return []
+    return ["", "## Not finished yet", "", f"{len(waiting)} of {len(comparison.status)} runs have not finished; "
+            "their numbers are missing above, and a speedup the finished baselines do not bracket is a bound. "
+            "Collect again when they have.", "", markdown_table(
+                ["run", "kind", "state", "step"],
+                [[s["run"], s["kind"], s["state"], f"{s['step']} of {s['steps']}"] for s in waiting])]
 
 
 def report_markdown(comparison: Comparison, title: str, command: str, plot_files: Sequence[str],
                     made: dict[str, Any]) -> str:
     """The human-readable report: setup, provenance, method, summary, ablations, runs and the switch, the family."""
     out = _header(comparison, title, command, made) + _summary(comparison) + _ablation(comparison)
-    out += _runs(comparison) + _family(comparison)
+    out += _status(comparison) + _runs(comparison) + _family(comparison)
     out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plot_files]
     return "\n".join(out) + "\n"
 
@@ -132,7 +151,8 @@ def report_json(comparison: Comparison, title: str, command: str, made: dict[str
         "config": comparison.config, "runs": comparison.runs,
         "family": {str(seed): [_member_json(m) for m in ms] for seed, ms in comparison.family.items()},
         "arms": [{k: v for k, v in asdict(a).items() if k != "rows"} for a in comparison.arms],
-        "summaries": comparison.summaries, "recommendation": comparison.recommendation, **comparison.extra,
+        "summaries": comparison.summaries, "recommendation": comparison.recommendation, "status": comparison.status,
+        **comparison.extra,
     }
 
 

@@ -1,5 +1,7 @@
 """The runs of a comparison: a baseline family forked from one constant-LR trunk, the TST arms, reuse of finished
-runs. Drives the trainer through its public API (``train``, ``config_from_dict``, ``list_checkpoints``, the
+runs. Every run is an ordinary run config (the trunk keeps its fork-step checkpoints, a member starts from one:
+``checkpoint.keep_steps``, ``checkpoint.fork_from``), so the same list of jobs is trained here one after another or
+planned as cluster jobs (``plan``). Drives the trainer through its public API (``train``, ``config_from_dict``, the
 metrics rows) and reads each arm's speedup off its seed's family with the arithmetic of ``isoloss``.
 """
 
@@ -12,12 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..data.loader import validation_windows
-from ..data.shards import open_dataset
+from ..data.mixture import open_sources
 from ..errors import SuperposeError
 from ..flops import superpose_overhead_flops
-from ..models import model_config
 from ..schedule import wsd_decay_start
-from ..train.checkpoint import list_checkpoints
+from ..train.checkpoint import checkpoint_name
 from ..train.config import RunConfig, config_from_dict
 from ..train.loop import train
 from ..train.metrics import read_metrics
@@ -25,7 +26,7 @@ from .isoloss import (
     DEFAULT_FAMILY,
     at_steps,
     family_lengths,
-    iso_loss_steps,
+    iso_loss_partial,
     measure_spike,
     member_steps,
     recommend,
@@ -111,58 +112,107 @@ def check_warmup_fits(base: RunConfig, multiples: Sequence[float]) -> None:
                 f"drop {multiple:g} from --family, raise train.steps or lower optim.warmup_steps")
 
 
-def _same_run(cfg: RunConfig, ignore_steps: bool = False) -> None:
+def _same_run(cfg: RunConfig) -> None:
     """Refuse to reuse a run folder whose run was made with a different config."""
     saved = config_from_dict(tomllib.loads((cfg.run_dir / "config.toml").read_text())).to_dict()
-    mine = cfg.to_dict()
-    if ignore_steps:
-        saved["train"]["steps"] = mine["train"]["steps"]
-    if saved != mine:
+    if saved != cfg.to_dict():
         raise SuperposeError(f"{cfg.run_dir} holds a run with a different config; use another --out or --runs folder")
 
 
-def _finished(cfg: RunConfig) -> bool:
+def _read_rows(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The run's metrics rows so far (none before it started; a row being written by a live run is left out)."""
     path = cfg.run_dir / "metrics.jsonl"
-    rows = read_metrics(path) if path.exists() else []
+    return read_metrics(path, partial_ok=True) if path.exists() else []
+
+
+def _finished(cfg: RunConfig, rows: list[dict[str, Any]]) -> bool:
     return bool(rows) and rows[-1]["step"] == cfg.train.steps and "val_loss" in rows[-1]
 
 
-def _train_or_interrupt(cfg: RunConfig, resume: bool | Path, progress: bool) -> None:
-    """Train; a run stopped by a signal (it checkpointed first) stops the whole comparison, to be rerun later."""
-    if train(cfg, resume=resume, progress=progress).stopped:
+def _ensure_run(cfg: RunConfig, progress: bool) -> None:
+    """Train ``cfg`` unless its folder holds the same finished run, exactly as its planned job does
+    (``superpose train CONFIG --resume``): its own newest checkpoint, else ``checkpoint.fork_from``, else step 0.
+    A run stopped by a signal (it checkpointed first) stops the whole comparison, to be rerun later."""
+    if (cfg.run_dir / "config.toml").exists():
+        _same_run(cfg)
+        if _finished(cfg, _read_rows(cfg)):
+            return
+    if train(cfg, resume=True, progress=progress).stopped:
         raise KeyboardInterrupt
 
 
-def _ensure_run(cfg: RunConfig, fork: Path | None, progress: bool) -> None:
-    """Train ``cfg`` unless its folder holds the same finished run; continue it if interrupted; fork if asked."""
-    if (cfg.run_dir / "config.toml").exists():
-        _same_run(cfg)
-        if _finished(cfg):
-            return
-        if list_checkpoints(cfg.run_dir):
-            _train_or_interrupt(cfg, True, progress)
-            return
-    _train_or_interrupt(cfg, fork or False, progress)
+NO_FORK = {"keep_steps": [], "fork_from": ""}
+"""The ``[checkpoint]`` keys of a run that neither forks nor is forked from."""
 
 
-def _checkpoints_by_step(run_dir: Path) -> dict[int, Path]:
-    """A run's complete checkpoints by step (the number their folder name ends in)."""
-    return {int(p.name.rsplit("-", 1)[-1]): p for p in list_checkpoints(run_dir)}
+@dataclass(frozen=True)
+class Job:
+    """One run of a comparison, an ordinary ``superpose train CONFIG --resume``, and what it waits for: a baseline
+    forked from its seed's trunk can start once the trunk has written its checkpoint at ``wait_step``."""
+
+    seed: int
+    kind: str
+    """"trunk", "baseline" (a member of the family) or "tst" (an arm)."""
+    cfg: RunConfig
+    after: str = ""
+    """The id of the job whose checkpoint this one starts from; "" when it waits for none."""
+    wait_step: int = 0
+    label: str = ""
+    """A TST arm's variant label."""
+
+    @property
+    def id(self) -> str:
+        return f"seed-{self.seed}/{self.cfg.name}"
 
 
-def _extend_trunk(trunk: RunConfig, forks: Sequence[int], progress: bool) -> dict[int, Path]:
-    """Train the constant-LR trunk in segments ending at each fork step, so each has a checkpoint to fork from."""
-    for fork in sorted(set(forks)):
-        have = _checkpoints_by_step(trunk.run_dir)
-        if fork in have:
-            continue
-        if have and max(have) > fork:
-            raise SuperposeError(f"{trunk.run_dir} passed step {fork} without a checkpoint; use a fresh --runs folder")
-        segment = derive(trunk, train={"steps": fork})
-        if have:
-            _same_run(segment, ignore_steps=True)
-        _train_or_interrupt(segment, bool(have), progress)
-    return _checkpoints_by_step(trunk.run_dir)
+def family_jobs(base: RunConfig, lengths: Sequence[int], runs: Path) -> list[Job]:
+    """The baselines of the given lengths for ``base.seed`` and, for a WSD LR, the constant-LR trunk they fork from.
+
+    The trunk trains straight to the last fork step and keeps its checkpoint at every fork step
+    (``checkpoint.keep_steps``); each baseline starts from the one at its decay start (``checkpoint.fork_from``),
+    so a comparison's runs can share a runs folder only when they plan the same family.
+    """
+    forks = {steps: fork_step(base, steps) for steps in lengths}
+    keep = sorted({f for f in forks.values() if f > 0})
+    jobs: list[Job] = []
+    trunk = None
+    if keep:
+        trunk = Job(base.seed, "trunk", derive(base, "trunk", runs, tst=BASELINE_TST, optim={"decay_fraction": 0.0},
+                                               train={"steps": keep[-1]},
+                                               checkpoint={**NO_FORK, "keep_steps": keep}))
+        jobs.append(trunk)
+    for steps in sorted(set(lengths)):
+        fork = forks[steps]
+        source = str(trunk.cfg.run_dir / "checkpoints" / checkpoint_name(fork)) if fork else ""
+        cfg = derive(base, f"baseline-{steps}", runs, tst=BASELINE_TST, train={"steps": steps},
+                     checkpoint={**NO_FORK, "fork_from": source})
+        jobs.append(Job(base.seed, "baseline", cfg, trunk.id if fork else "", fork))
+    return jobs
+
+
+def arm_config(base: RunConfig, variant: Variant, runs: Path) -> RunConfig:
+    """The TST run of one variant: the base config with the variant's ``[tst]`` keys."""
+    tst = {**BASELINE_TST, **{k: v for k, v in asdict(base.tst).items() if k in ("weighting", "alpha")},
+           **variant.tst}
+    return derive(base, f"{variant.label}-T{base.train.steps}", runs, tst=tst, checkpoint=NO_FORK)
+
+
+def plan_jobs(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Sequence[float],
+              runs: Path) -> list[Job]:
+    """Every run of a comparison in an order that respects the forks: per seed, the trunk, the family, the arms."""
+    lengths = family_lengths(family, base.train.steps)
+    jobs: list[Job] = []
+    for k in range(seeds):
+        seeded = derive(base, seed=base.seed + k)
+        folder = Path(runs) / f"seed-{seeded.seed}"
+        jobs += family_jobs(seeded, lengths, folder)
+        jobs += [Job(seeded.seed, "tst", arm_config(seeded, v, folder), label=v.label) for v in variants]
+    return jobs
+
+
+def _world_size(cfg: RunConfig) -> int:
+    """Ranks of the run's newest start (run.json is rewritten at every start)."""
+    return json.loads((cfg.run_dir / "run.json").read_text()).get("world_size", 1)
 
 
 @dataclass
@@ -173,30 +223,20 @@ class Member:
     fork: int
     final_val_loss: float
     wall_time: float
+    """Seconds from step 0, the trunk's up to the fork included (a fork resumes the trunk's clock)."""
+    gpu_hours: float
+    """Wall time x ranks summed over the trunk up to the fork and the member's own steps."""
     flops: int
     rows: list[dict[str, Any]] = field(repr=False)
 
 
-def baseline_family(base: RunConfig, lengths: Sequence[int], runs: Path, progress: bool = True) -> list[Member]:
-    """Train (or reuse) baselines of the given lengths for ``base.seed``, forked from one constant-LR trunk.
-
-    Ask for every length a runs folder will need in the first call: the trunk is extended in segments that end at
-    each fork step, and a fork step it has already passed without a checkpoint cannot be added later.
-    """
-    trunk = derive(base, "trunk", runs, tst=BASELINE_TST, optim={"decay_fraction": 0.0}, checkpoint={"every": 0})
-    forks = {steps: fork_step(base, steps) for steps in lengths}
-    checkpoints = _extend_trunk(trunk, [f for f in forks.values() if f > 0], progress)
-    trunk_rows = read_metrics(trunk.run_dir / "metrics.jsonl") if any(forks.values()) else []
-    members = []
-    for steps in sorted(set(lengths)):
-        cfg = derive(base, f"baseline-{steps}", runs, tst=BASELINE_TST, train={"steps": steps},
-                     checkpoint={"every": 0})
-        fork = forks[steps]
-        _ensure_run(cfg, checkpoints[fork] if fork else None, progress)
-        rows = [r for r in trunk_rows if r["step"] <= fork] + read_metrics(cfg.run_dir / "metrics.jsonl")
-        last = rows[-1]
-        members.append(Member(steps, fork, last["val_loss"], last["wall_time"], last["flops"], rows))
-    return members
+def _member(job: Job, rows: list[dict[str, Any]], trunk_rows: list[dict[str, Any]], trunk_world: int) -> Member:
+    prefix = [r for r in trunk_rows if r["step"] <= job.wait_step] if job.wait_step else []
+    shared = prefix[-1]["wall_time"] if prefix else 0.0
+    last = rows[-1]
+    gpu_seconds = trunk_world * shared + _world_size(job.cfg) * (last["wall_time"] - shared)
+    return Member(job.cfg.train.steps, job.wait_step, last["val_loss"], last["wall_time"], gpu_seconds / 3600,
+                  last["flops"], prefix + rows)
 
 
 @dataclass
@@ -211,6 +251,7 @@ class Arm:
     flops: int
     overhead_flops: int
     wall_time: float
+    gpu_hours: float
     text_tokens: int
     baseline_steps: float
     bound: str
@@ -219,6 +260,8 @@ class Arm:
     flops_speedup: float
     """Baseline model FLOPs over TST model + superposition overhead FLOPs at equal loss."""
     wall_speedup: float
+    gpu_hours_speedup: float
+    """Baseline GPU-hours (trunk share included) at equal loss over the TST run's."""
     spike: dict[str, Any]
     run_dir: str
     rows: list[dict[str, Any]] = field(repr=False)
@@ -228,38 +271,37 @@ def overhead_flops(cfg: RunConfig) -> int:
     """FLOPs the bag means and multi-hot gathers add over the whole run (the model FLOPs are a baseline's); for the
     input/output ablations, which do only one of the two, an upper bound."""
     info = json.loads((cfg.run_dir / "run.json").read_text())
-    config = model_config(cfg.model.preset, info["vocab_size"], **cfg.model.overrides)
+    config = cfg.model.build_config(info["vocab_size"])
     schedule = cfg.phase_schedule()
     starts = [0, *schedule.ends[:-1]]
     return sum((end - start) * superpose_overhead_flops(config, cfg.train.batch_size, cfg.train.seq_len, st.bag)
                for st, start, end in zip(schedule.stages, starts, schedule.ends) if st.bag > 1)
 
 
-def run_arm(base: RunConfig, variant: Variant, family: list[Member], runs: Path, progress: bool = True) -> Arm:
-    """Train (or reuse) one TST run and read its iso-loss speedup off ``family`` (same seed, same config)."""
-    tst = {**BASELINE_TST, **{k: v for k, v in asdict(base.tst).items() if k in ("weighting", "alpha")},
-           **variant.tst}
-    cfg = derive(base, f"{variant.label}-T{base.train.steps}", runs, tst=tst, checkpoint={"every": 0})
-    _ensure_run(cfg, None, progress)
-    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
-    last, steps = rows[-1], cfg.train.steps
-    lengths = [m.steps for m in family]
-    iso = iso_loss_steps(lengths, [m.final_val_loss for m in family], last["val_loss"])
+def _arm(job: Job, rows: list[dict[str, Any]], family: list[Member], lengths: Sequence[int]) -> Arm:
+    """One TST run's iso-loss speedup, read off its seed's finished family members."""
+    cfg, last = job.cfg, rows[-1]
+    steps = cfg.train.steps
+    done = [m.steps for m in family]
+    iso = iso_loss_partial(lengths, {m.steps: m.final_val_loss for m in family}, last["val_loss"])
     extra = overhead_flops(cfg)
+    gpu_hours = _world_size(cfg) * last["wall_time"] / 3600
     same_length = next((m for m in family if m.steps == steps), None)
     return Arm(
-        label=variant.label, seed=cfg.seed, steps=steps, mode=cfg.tst.mode, final_val_loss=last["val_loss"],
-        flops=last["flops"], overhead_flops=extra, wall_time=last["wall_time"], text_tokens=last["text_tokens"],
-        baseline_steps=iso.baseline_steps, bound=iso.bound, speedup=iso.speedup(steps),
-        flops_speedup=at_steps(lengths, [m.flops for m in family], iso.baseline_steps) / (last["flops"] + extra),
-        wall_speedup=at_steps(lengths, [m.wall_time for m in family], iso.baseline_steps) / last["wall_time"],
+        label=job.label, seed=cfg.seed, steps=steps, mode=cfg.tst.mode, final_val_loss=last["val_loss"],
+        flops=last["flops"], overhead_flops=extra, wall_time=last["wall_time"], gpu_hours=gpu_hours,
+        text_tokens=last["text_tokens"], baseline_steps=iso.baseline_steps, bound=iso.bound,
+        speedup=iso.speedup(steps),
+        flops_speedup=at_steps(done, [m.flops for m in family], iso.baseline_steps) / (last["flops"] + extra),
+        wall_speedup=at_steps(done, [m.wall_time for m in family], iso.baseline_steps) / last["wall_time"],
+        gpu_hours_speedup=at_steps(done, [m.gpu_hours for m in family], iso.baseline_steps) / gpu_hours,
         spike=measure_spike(rows, same_length.rows) if same_length else {}, run_dir=str(cfg.run_dir), rows=rows,
     )
 
 
 @dataclass
 class Comparison:
-    """Everything a report shows: the setup, each seed's family, every arm, per-variant summaries."""
+    """Everything a report shows: the setup, each seed's family, every arm, per-variant summaries, run states."""
 
     config: dict[str, Any]
     runs: str
@@ -269,23 +311,18 @@ class Comparison:
     recommendation: str
     setup: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    status: list[dict[str, Any]] = field(default_factory=list)
+    """Every planned run: id, kind, state (finished / running / not started), step reached, steps."""
 
 
-def _preflight(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Sequence[float]) -> None:
-    """Every input problem as one line, before any run is trained."""
+def check_comparison(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Sequence[float]) -> None:
+    """Every problem of the comparison's settings as one line, before any run is planned or trained."""
     if seeds < 1:
         raise SuperposeError(f"--seeds must be >= 1, got {seeds}")
     if not variants:
         raise SuperposeError("nothing to compare: no TST variant given")
     family_lengths(family, base.train.steps)
     check_warmup_fits(base, family)
-    data = open_dataset(base.data.path, tokenizer=base.data.tokenizer or None)
-    try:
-        val = data.split("val")
-    except SuperposeError:
-        raise SuperposeError(f"{base.data.path} has no validation split, and iso-loss needs validation losses; "
-                             "prepare it with --val-fraction > 0") from None
-    validation_windows(val, base.micro_batch_size(1), base.train.seq_len, base.eval.batches)
     for variant in variants:
         cfg = derive(base, tst={**BASELINE_TST, **variant.tst})
         if max(cfg.phase_schedule().bags()) < 2:
@@ -295,25 +332,79 @@ def _preflight(base: RunConfig, variants: Sequence[Variant], seeds: int, family:
             raise SuperposeError(f"{variant.label}: tst.ratio must be > 0 for TST")
 
 
+def check_data(base: RunConfig) -> None:
+    """The data (each source of a mixture) must have a validation split with enough windows (iso-loss reads
+    validation losses)."""
+    paths = [path for _, path, _ in base.data.mixture()]
+    for path, data in zip(paths, open_sources(paths, tokenizer=base.data.tokenizer or None)):
+        try:
+            val = data.split("val")
+        except SuperposeError:
+            raise SuperposeError(f"{path} has no validation split, and iso-loss needs validation losses; "
+                                 "prepare it with --val-fraction > 0") from None
+        validation_windows(val, base.micro_batch_size(1), base.train.seq_len, base.eval.batches)
+
+
 def compare(base: RunConfig, variants: Sequence[Variant], seeds: int = 1, family: Sequence[float] = DEFAULT_FAMILY,
             runs: Path | None = None, progress: bool = True) -> Comparison:
-    """Run a baseline family and every TST variant for ``seeds`` seeds (``base.seed``, ``base.seed + 1``, ...)."""
-    _preflight(base, variants, seeds, family)
+    """Run a baseline family and every TST variant for ``seeds`` seeds (``base.seed``, ``base.seed + 1``, ...) in
+    this process, one run after another: the runs ``superpose compare --plan`` writes as jobs, in plan order."""
+    check_comparison(base, variants, seeds, family)
+    check_data(base)
     runs = Path(runs or base.run_dir)
+    for job in plan_jobs(base, variants, seeds, family, runs):
+        _ensure_run(job.cfg, progress)
+    return collect(base, variants, seeds, family, runs)
+
+
+def collect(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Sequence[float], runs: Path,
+            partial: bool = False) -> Comparison:
+    """The comparison as far as its runs have finished; every run must have, unless ``partial``.
+
+    With ``partial``, an arm still running is left out (``status`` says where it is) and an arm whose loss the
+    finished members do not bracket gets a bound (see :func:`iso_loss_partial`).
+    """
+    runs = Path(runs)
     lengths = family_lengths(family, base.train.steps)
-    families, arms = {}, []
-    for k in range(seeds):
-        seeded = derive(base, seed=base.seed + k)
-        folder = runs / f"seed-{seeded.seed}"
-        families[seeded.seed] = baseline_family(seeded, lengths, folder, progress)
-        arms += [run_arm(seeded, v, families[seeded.seed], folder, progress) for v in variants]
-    summaries = [summarize([a for a in arms if a.label == v.label]) for v in variants]
-    return Comparison(base.to_dict(), str(runs), families, arms, summaries, recommend(summaries), _setup(base, arms))
+    jobs = plan_jobs(base, variants, seeds, family, runs)
+    finished: dict[str, list[dict[str, Any]]] = {}
+    status = []
+    for job in jobs:
+        if (job.cfg.run_dir / "config.toml").exists():
+            _same_run(job.cfg)
+        rows = _read_rows(job.cfg)
+        done = _finished(job.cfg, rows)
+        if done:
+            finished[job.id] = rows
+        elif not partial:
+            raise SuperposeError(f"{job.cfg.run_dir} has not finished")
+        status.append({"run": job.id, "kind": job.kind, "state": "finished" if done else "running" if rows
+                       else "not started", "step": rows[-1]["step"] if rows else 0, "steps": job.cfg.train.steps})
+    families: dict[int, list[Member]] = {}
+    arms: list[Arm] = []
+    for seed in sorted({job.seed for job in jobs}):
+        mine = [job for job in jobs if job.seed == seed]
+        trunk = next((job for job in mine if job.kind == "trunk"), None)
+        trunk_rows = _read_rows(trunk.cfg) if trunk else []
+        trunk_world = _world_size(trunk.cfg) if trunk_rows else 1
+        members = [_member(job, finished[job.id], trunk_rows, trunk_world) for job in mine
+                   if job.kind == "baseline" and job.id in finished]
+        if members:
+            families[seed] = members
+            arms += [_arm(job, finished[job.id], members, lengths) for job in mine
+                     if job.kind == "tst" and job.id in finished]
+    if not families:
+        raise SuperposeError(f"no baseline of the family has finished yet in {runs}; the report needs at least one")
+    summaries = [summarize(mine) for v in variants if (mine := [a for a in arms if a.label == v.label])]
+    verdict = recommend(summaries) if summaries else "no recommendation: no TST arm has finished yet"
+    source = Path(arms[0].run_dir) if arms else next(j.cfg.run_dir for j in jobs if j.id in finished)
+    return Comparison(base.to_dict(), str(runs), families, arms, summaries, verdict, _setup(base, source, arms),
+                      status=status)
 
 
-def _setup(base: RunConfig, arms: Sequence[Arm]) -> dict[str, Any]:
+def _setup(base: RunConfig, run_dir: Path, arms: Sequence[Arm]) -> dict[str, Any]:
     """The shared setup a reader needs to judge the numbers: model size, shapes, FLOPs per step, the overhead."""
-    info = json.loads((Path(arms[0].run_dir) / "run.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
     phase1 = [a for a in arms if a.overhead_flops]
     overhead = max((a.overhead_flops / a.flops for a in phase1), default=0.0)
     return {

@@ -111,21 +111,30 @@ class WindowLoader:
     def next_batch(self, window_len: int) -> torch.Tensor:
         """This rank's ``rows`` of the next global batch: a LongTensor [len(rows), window_len] of contiguous stream text."""
         check_window(self.stream, self.batch_size, window_len)
+        return torch.from_numpy(self.take(self.batch_size, window_len, self.rows))
+
+    def take(self, count: int, window_len: int, mine: range) -> np.ndarray:
+        """Advance past the next ``count`` windows of the order; return those at positions ``mine`` of them.
+
+        ``next_batch`` takes a whole batch; a mixture takes each source's share of one. Returns
+        ``[len(mine), window_len]`` int64.
+        """
         starts = []
-        left = self.batch_size
+        left = count
         while left:
             level = self._level_for(window_len)
             read = self._levels[level][1]
             take = min(left, self._count(level) - read)
-            first = self.batch_size - left  # global row of the first window taken here
-            mine = range(max(first, self.rows.start), min(first + take, self.rows.stop))
-            if mine:
-                starts.append(self._cached_starts(level, read + mine.start - first, len(mine)))
+            first = count - left  # position of the first window taken here
+            here = range(max(first, mine.start), min(first + take, mine.stop))
+            if here:
+                starts.append(self._cached_starts(level, read + here.start - first, len(here)))
             self._levels[level][1] += take
             left -= take
             if self._levels[level][1] == self._count(level):
                 self.epoch, self._levels = self.epoch + 1, []
-        return torch.from_numpy(self.stream.read_windows(np.concatenate(starts), window_len))
+        starts = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
+        return self.stream.read_windows(starts, window_len)
 
     def _level_for(self, window_len: int) -> int:
         """The level that serves windows of this length, opening a new level or a new pass when the length changes."""
@@ -181,6 +190,8 @@ class WindowLoader:
         """Restore a position; refuse state from a different stream, batch size or seed (it would not line up)."""
         if not isinstance(state, dict):
             raise SuperposeError(f"data loader state is corrupt: {state!r}")
+        if "sources" in state:
+            raise SuperposeError("data loader state is a data mixture's (data.sources); this run reads data.path alone")
         for key, ours in (("seed", self.seed), ("batch_size", self.batch_size), ("stream_tokens", len(self.stream))):
             if state.get(key) != ours:
                 raise SuperposeError(f"data loader state is for {key} {state.get(key)}, but this run has {key} {ours}")

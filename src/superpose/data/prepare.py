@@ -1,17 +1,31 @@
-"""`superpose prepare`: corpus -> tokenizer -> train/val token shards, written atomically.
+"""`superpose prepare`: corpus -> tokenizer -> train/val token shards, in parallel, resumable, in bounded memory.
 
-Pass 1 streams the documents once into a cache file inside the temporary output folder (feeding the
-BPE trainer on the way when no tokenizer is given); pass 2 encodes the cache, in an order shuffled by
-the seed unless asked to keep the reading order. The cache makes both passes see identical documents
-even for hub streams, gives the document count needed to guarantee a non-empty validation split and
-lets pass 2 read in any order. It is deleted before the folder is renamed into place.
+Everything happens in a work folder beside the output (``.prepare-NAME``), which becomes the output by one rename:
+
+1. read: stream the documents once into a cache file plus an offsets file (feeding the BPE trainer on the way when
+   no tokenizer is given). The cache makes every later step see identical documents, even for hub streams, and gives
+   the document count that guarantees a non-empty validation split.
+2. encode: cut the (shuffled) document order into chunks of about CHUNK_BYTES and encode each, in worker processes,
+   into a part file. The chunks depend only on the corpus and the arguments, never on the number of workers.
+3. assemble: append the parts in chunk order to the shards (hashing them on the way) and write meta.json.
+
+Memory is bounded by SHUFFLE_BLOCK documents' offsets and a few chunks per worker, whatever the corpus size. A run
+that is killed leaves the work folder; the same command continues it (a finished read and finished parts are kept),
+a different one is refused. A bad input (a SuperposeError) removes it, as nothing of it is worth keeping.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import struct
+import json
+import multiprocessing
+import os
+import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +35,9 @@ from tqdm import tqdm
 
 from superpose import __version__
 from superpose.data.corpus import Skipped, check_decoding, iter_documents, limit_bytes, resolve_source
+from superpose.data.pretokenized import check_ids_source, is_flat_ids, iter_id_documents
 from superpose.data.shards import (
+    DTYPES,
     FORMAT,
     TOKENIZER_FILE,
     VERSION,
@@ -38,11 +54,21 @@ from superpose.data.tokenizer import (
     vocab_size_of,
 )
 from superpose.errors import SuperposeError
-from superpose.files import atomic_dir, file_sha256, require_empty
+from superpose.files import FolderLock, commit_dir, file_sha256, require_empty, write_atomic
 
+WORK_PREFIX = ".prepare-"
+ARGUMENTS_FILE = "arguments.json"
 CACHE_FILE = "documents.cache"
-ENCODE_BATCH_BYTES = 1 << 20
-_LENGTH = struct.Struct("<Q")
+OFFSETS_FILE = "documents.offsets"
+READ_FILE = "read.json"
+PARTS = "parts"
+# Documents are shuffled within consecutive blocks of this many (the whole corpus when smaller): one block's offsets,
+# permutation and flags (a few tens of bytes a document) are all a shuffle holds in memory.
+SHUFFLE_BLOCK = 1 << 22
+_SCORE_BLOCK = 1 << 22  # validation scores drawn per step while counting the held-out documents
+CHUNK_BYTES = 4 << 20  # text (or id bytes) per part file: the unit of parallel work and of resuming
+ENCODE_BATCH_BYTES = 1 << 20  # text per encode_batch call inside a chunk
+_OFFSET_FLUSH = 1 << 16
 
 
 def prepare(
@@ -52,6 +78,7 @@ def prepare(
     tokenizer: str | None = None,
     vocab_size: int = 8192,
     text_field: str = "text",
+    ids_column: str | None = None,
     val_fraction: float = 0.005,
     min_val_documents: int = 1,
     seed: int = 0,
@@ -62,57 +89,94 @@ def prepare(
     keep_order: bool = False,
     encoding: str = "utf-8",
     errors: str = "skip",
+    workers: int = 1,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize `sources` into a dataset folder at out_dir and return its path.
 
-    With `tokenizer` None a byte-level BPE of `vocab_size` is trained on the same documents. Validation documents are
-    chosen from (seed, document index) alone. Both splits are written in an order shuffled by `seed`: in reading order,
-    neighbouring documents (which share windows) are alike, and the validation windows, read from the start of their
-    split, would all come from the first files. `keep_order` keeps the reading order.
+    With `tokenizer` None a byte-level BPE of `vocab_size` is trained on the same documents. Token ids users already
+    have (``.npy``/``.bin`` files, or an `ids_column` of parquet, a `datasets` folder or a hub dataset) are copied, not
+    re-tokenized; they need the `tokenizer` that made them. Validation documents are chosen from (seed, document
+    index) alone. Both splits are written in an order shuffled by `seed` within blocks of SHUFFLE_BLOCK documents: in
+    reading order, neighbouring documents (which share windows) are alike, and the validation windows, read from the
+    start of their split, would all come from the first files. `keep_order` keeps the reading order.
     Text files are decoded with `encoding`; `errors` is "skip" (a folder's undecodable files are left out) or
-    "replace" (U+FFFD). `say` gets the files skipped and, at the end, documents, tokens and bytes per split. Nothing
-    appears at out_dir unless the whole run succeeds.
+    "replace" (U+FFFD). `workers` processes encode in parallel; the output is the same for any number. `say` gets the
+    files skipped and, at the end, documents, tokens and bytes per split. Nothing appears at out_dir unless the whole
+    run succeeds; a killed run is continued by the same call.
     """
     out = Path(out_dir).expanduser()
+    ids = ids_column is not None or any(is_flat_ids(s) for s in sources)
     tok = _check_arguments(sources, tokenizer, vocab_size, val_fraction, min_val_documents, seed, shard_tokens,
-                           max_bytes, encoding, errors)
+                           max_bytes, encoding, errors, workers, ids, ids_column)
     require_empty(out, "output folder")
-
-    with atomic_dir(out) as tmp:
-        docs: Iterator[str] = itertools.chain.from_iterable(
-            iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split, encoding=encoding,
-                           errors=errors, skipped=(skipped := Skipped()))
-            for s in sources
-        )
-        cache, tok = _read_corpus(limit_bytes(docs, max_bytes) if max_bytes is not None else docs, tmp, tok,
-                                  vocab_size, progress)
-        if skipped:
-            undecoded = any(reason.startswith("not ") for reason in skipped.files)
-            say(skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else ""))
-        is_val = _choose_val(cache.count, val_fraction, min_val_documents, seed, sources)
-        tok.save(str(tmp / TOKENIZER_FILE))
-        eos, vocab = eos_id(tok), vocab_size_of(tok)
-        dtype = token_dtype(vocab)
-        order = np.arange(cache.count) if keep_order else np.random.default_rng([seed, 1]).permutation(cache.count)
-        splits = _write_shards(tmp, cache, order, is_val, tok, eos, dtype, shard_tokens, progress)
-        cache.path.unlink()
-        write_meta(tmp, _meta(tmp, dtype, vocab, eos, sources, seed, keep_order, val_fraction, max_bytes, splits))
+    arguments = {
+        "sources": list(sources), "tokenizer": tokenizer,
+        "tokenizer_sha256": hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest() if tok else None,
+        "vocab_size": None if tok else vocab_size, "text_field": None if ids else text_field, "ids_column": ids_column,
+        "val_fraction": val_fraction, "min_val_documents": min_val_documents, "seed": seed,
+        "shard_tokens": shard_tokens, "max_bytes": max_bytes, "hf_config": hf_config, "hf_split": hf_split,
+        "keep_order": keep_order, "encoding": encoding, "errors": errors, "shuffle_block": SHUFFLE_BLOCK,
+        "chunk_bytes": CHUNK_BYTES, "superpose_version": __version__,
+    }
+    work = out.parent / f"{WORK_PREFIX}{out.name}"
+    with FolderLock(work, "prepare work folder"):
+        _claim(work, arguments, out)
+        try:
+            skipped = Skipped()
+            if ids:
+                docs: Iterable[Any] = itertools.chain.from_iterable(
+                    iter_id_documents(s, ids_column=ids_column, vocab_size=vocab_size_of(tok), eos=eos_id(tok),
+                                      hf_config=hf_config, hf_split=hf_split) for s in sources)
+            else:
+                docs = itertools.chain.from_iterable(
+                    iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
+                                   encoding=encoding, errors=errors, skipped=skipped) for s in sources)
+                docs = limit_bytes(docs, max_bytes) if max_bytes is not None else docs
+            count, tok, note = _read(work, docs, tok, vocab_size, progress, lambda: _skipped_note(skipped))
+            if note:
+                say(note)
+            holdout = _Holdout(count, val_fraction, min_val_documents, seed, sources)
+            eos, vocab = eos_id(tok), vocab_size_of(tok)
+            dtype = token_dtype(vocab)
+            offsets = np.memmap(work / OFFSETS_FILE, dtype=np.int64, mode="r")
+            encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work / PARTS), eos,
+                               dtype_name(dtype))
+            workers = min(workers, -(-int(offsets[-1]) // CHUNK_BYTES))  # no process without a chunk to encode
+            n_chunks = _encode(_chunks(offsets, holdout, keep_order, seed), encoder, workers, count, progress)
+            del offsets
+            splits = _assemble(work, n_chunks, dtype, shard_tokens, ids)
+            write_meta(work, _meta(work, dtype, vocab, eos, sources, seed, keep_order, val_fraction, max_bytes, splits))
+        except SuperposeError:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work / PARTS)
+        for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ".lock"):
+            (work / name).unlink(missing_ok=True)
+        commit_dir(work, out)
     for name, split in splits.items():
-        say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['bytes']:,} bytes")
+        size = f"{split['bytes']:,} bytes" if split["bytes"] is not None else "pre-tokenized"
+        say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {size}")
     return out
 
 
 def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int, val_fraction: float,
                      min_val_documents: int, seed: int, shard_tokens: int, max_bytes: int | None, encoding: str,
-                     errors: str) -> Tokenizer | None:
+                     errors: str, workers: int, ids: bool, ids_column: str | None) -> Tokenizer | None:
     """Every argument checked before anything is read or written; returns the given tokenizer, loaded."""
     if not sources:
         raise SuperposeError("no corpus given")
+    if workers < 1:
+        raise SuperposeError(f"workers must be at least 1, got {workers}")
     check_decoding(encoding, errors)
     for source in sources:
-        resolve_source(source)
+        check_ids_source(source, ids_column) if ids else resolve_source(source)
+    if ids and tokenizer is None:
+        raise SuperposeError("pre-tokenized input needs --tokenizer: the tokenizer that made its ids (for the "
+                             "vocabulary size and the end-of-text id)")
+    if ids and max_bytes is not None:
+        raise SuperposeError("max_bytes counts text bytes and does not apply to pre-tokenized input")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is not None:
         eos_id(tok)
@@ -131,33 +195,283 @@ def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int,
     return tok
 
 
-def _read_corpus(docs: Iterator[str], tmp: Path, tok: Tokenizer | None, vocab_size: int,
-                 progress: bool) -> tuple["_DocumentCache", Tokenizer]:
-    """One pass over the corpus: cache every document on disk and, with no tokenizer given, train one on them."""
-    cache = _DocumentCache(tmp / CACHE_FILE)
+def _claim(work: Path, arguments: dict[str, Any], out: Path) -> None:
+    """Record this run's arguments in the work folder, or check that an unfinished run there had the same ones."""
+    path = work / ARGUMENTS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != arguments:
+            key = next(k for k in sorted(set(before) | set(arguments)) if before.get(k) != arguments.get(k))
+            raise SuperposeError(
+                f"{work} holds an unfinished prepare of {out} with other arguments ({key}: {before.get(key)!r} then, "
+                f"{arguments.get(key)!r} now): re-run it as before to finish it, or delete {work} to start over")
+        return
+    for leftover in work.iterdir():  # a run killed before it recorded its arguments: nothing to keep
+        if leftover.name != ".lock":
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    write_atomic(path, json.dumps(arguments, indent=1) + "\n")
+
+
+def _skipped_note(skipped: Skipped) -> str | None:
+    if not skipped:
+        return None
+    undecoded = any(reason.startswith("not ") for reason in skipped.files)
+    return skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else "")
+
+
+def _read(work: Path, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int, progress: bool,
+          note: Callable[[], str | None]) -> tuple[int, Tokenizer, str | None]:
+    """Pass 1 (skipped when an earlier run finished it): cache every document and, with no tokenizer, train one.
+
+    Returns the document count, the tokenizer and the note on files skipped.
+    """
+    done = work / READ_FILE
+    if done.is_file():
+        record = json.loads(done.read_text(encoding="utf-8"))
+        return record["documents"], load_tokenizer(str(work / TOKENIZER_FILE)), record["note"]
+    cache = _DocumentCache(work)
     with tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
         recorded = cache.record(docs, bar)
         if tok is None:
             tok = train_tokenizer(recorded, vocab_size)
         for _ in recorded:  # caches the corpus when no training pass consumed it
             pass
-    return cache, tok
+    tok.save(str(work / TOKENIZER_FILE))
+    record = {"documents": cache.count, "note": note()}
+    write_atomic(done, json.dumps(record) + "\n")
+    return record["documents"], tok, record["note"]
 
 
-def _write_shards(tmp: Path, cache: "_DocumentCache", order: np.ndarray, is_val: np.ndarray, tok: Tokenizer, eos: int,
-                  dtype: np.dtype, shard_tokens: int, progress: bool) -> dict[str, Any]:
-    """Encode the cached documents in ``order`` into train and validation shards; returns the splits' metadata."""
-    with ShardWriter(tmp, "train", dtype, shard_tokens) as train, ShardWriter(tmp, "val", dtype, shard_tokens) as val:
-        with tqdm(total=cache.count, desc="encoding", unit="doc", disable=not progress) as bar:
-            for indices, batch in _batches(cache.read(order)):
-                encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
-                for writer, flag in ((train, False), (val, True)):
-                    picked = [(enc.ids, text) for i, enc, text in zip(indices, encodings, batch) if is_val[i] == flag]
-                    if picked:
-                        ids = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids, _ in picked), np.int64)
-                        writer.add(ids, len(picked), sum(len(text.encode("utf-8")) for _, text in picked))
-                bar.update(len(batch))
-        return {"train": train.close(), "val": val.close()}
+class _DocumentCache:
+    """Documents' bytes (UTF-8 text, or uint32 ids) back to back, and an offsets file of their N+1 boundaries."""
+
+    def __init__(self, folder: Path) -> None:
+        self.data = folder / CACHE_FILE
+        self.offsets = folder / OFFSETS_FILE
+        self.count = 0
+
+    def record(self, docs: Iterable[str | np.ndarray], bar: tqdm) -> Iterator[str | np.ndarray]:
+        """Write each document to the cache while passing it on (to the tokenizer trainer)."""
+        with open(self.data, "wb") as data, open(self.offsets, "wb") as offsets:
+            ends: list[int] = [0]
+            for doc in docs:
+                data.write(doc.encode("utf-8") if isinstance(doc, str) else doc.astype("<u4", copy=False).tobytes())
+                ends.append(data.tell())
+                self.count += 1
+                if len(ends) >= _OFFSET_FLUSH:
+                    np.asarray(ends, dtype="<i8").tofile(offsets)
+                    ends = []
+                bar.update()
+                yield doc
+            np.asarray(ends, dtype="<i8").tofile(offsets)
+
+
+class _Holdout:
+    """Which documents are held out, from (seed, document index) alone, without holding a flag per document.
+
+    Document i gets score u_i, the i-th draw of default_rng(seed) (drawn again for any range by advancing the
+    generator); it is held out when u_i < val_fraction, or when it is among the min_val lowest scores. If that takes
+    every document, the highest score trains.
+    """
+
+    def __init__(self, n_docs: int, val_fraction: float, min_val: int, seed: int, sources: list[str]) -> None:
+        corpus = ", ".join(sources)
+        if n_docs == 0:
+            raise SuperposeError(f"corpus {corpus} has no documents")
+        if n_docs < min_val + 1:
+            raise SuperposeError(
+                f"corpus {corpus} has {n_docs} document(s): too few for {min_val} validation document(s)"
+                " and at least one training document"
+            )
+        self.seed, self.fraction = seed, val_fraction
+        held, low_scores, low_index, top = 0, np.zeros(0), np.zeros(0, np.int64), (-1.0, 0)
+        for start in range(0, n_docs, _SCORE_BLOCK):
+            scores = self.scores(start, min(n_docs, start + _SCORE_BLOCK))
+            held += int((scores < val_fraction).sum())
+            keep = np.argsort(scores, kind="stable")[:min_val]
+            low_scores = np.concatenate([low_scores, scores[keep]])
+            low_index = np.concatenate([low_index, start + keep])
+            best = np.lexsort((low_index, low_scores))[:min_val]
+            low_scores, low_index = low_scores[best], low_index[best]
+            if scores.max() > top[0]:
+                top = (float(scores.max()), start + int(np.argmax(scores)))
+        self.extra_val = set(low_index.tolist()) if held < min_val else set()
+        self.extra_train = top[1] if max(held, min_val) == n_docs else None
+
+    def scores(self, start: int, stop: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64(self.seed).advance(start)).random(stop - start)
+
+    def mask(self, start: int, stop: int) -> np.ndarray:
+        """Held-out flags of documents [start, stop)."""
+        is_val = self.scores(start, stop) < self.fraction
+        for i in self.extra_val:
+            if start <= i < stop:
+                is_val[i - start] = True
+        if self.extra_train is not None and start <= self.extra_train < stop:
+            is_val[self.extra_train - start] = False
+        return is_val
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One unit of encoding: documents (cache byte ranges) in output order and whether each is held out."""
+
+    index: int
+    starts: np.ndarray
+    ends: np.ndarray
+    is_val: np.ndarray
+
+
+def _chunks(offsets: np.ndarray, holdout: _Holdout, keep_order: bool, seed: int) -> Iterator[_Chunk]:
+    """The output order, block by block, cut into chunks of about CHUNK_BYTES; a function of the arguments alone."""
+    n = len(offsets) - 1
+    rng = np.random.default_rng([seed, 1])
+    index = 0
+    for block in range(0, n, SHUFFLE_BLOCK):
+        size = min(SHUFFLE_BLOCK, n - block)
+        local = np.arange(size) if keep_order else rng.permutation(size)
+        starts, ends = np.asarray(offsets[block + local]), np.asarray(offsets[block + local + 1])
+        is_val = holdout.mask(block, block + size)[local]
+        group = (np.cumsum(ends - starts) - (ends - starts)) // CHUNK_BYTES
+        bounds = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), size]
+        for a, b in itertools.pairwise(bounds):
+            yield _Chunk(index, starts[a:b], ends[a:b], is_val[a:b])
+            index += 1
+
+
+def _part(parts: str, index: int) -> Path:
+    return Path(parts) / f"{index:08d}.npz"
+
+
+class _Encoder:
+    """Turns a chunk into a part file of train and val ids (each document followed by EOS) and their counts.
+
+    Built once per worker process; `tokenizer_json` is None for pre-tokenized documents, which are copied.
+    """
+
+    def __init__(self, tokenizer_json: str | None, cache: str, parts: str, eos: int, dtype: str) -> None:
+        self.spec = (tokenizer_json, cache, parts, eos, dtype)
+        self.tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
+        self.cache, self.parts, self.eos, self.dtype = cache, parts, eos, DTYPES[dtype]
+
+    def __call__(self, chunk: _Chunk) -> None:
+        pieces: dict[bool, list[np.ndarray]] = {False: [], True: []}
+        counts = {False: [0, 0], True: [0, 0]}  # documents, text bytes
+        eos = np.array([self.eos], self.dtype)
+        with open(self.cache, "rb") as f:
+            for first, raw in _batches(f.fileno(), chunk.starts, chunk.ends):
+                for i, ids in enumerate(self._ids(raw), first):
+                    held_out = bool(chunk.is_val[i])
+                    pieces[held_out] += [ids, eos]
+                    counts[held_out][0] += 1
+                    counts[held_out][1] += len(raw[i - first])
+        out = {}
+        for split, held_out in (("train", False), ("val", True)):
+            out[split] = np.concatenate(pieces[held_out]) if pieces[held_out] else np.zeros(0, self.dtype)
+            out[f"{split}_counts"] = np.array(counts[held_out], np.int64)
+        final = _part(self.parts, chunk.index)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".tmp-{final.name}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
+        os.replace(tmp, final)
+
+    def _ids(self, raw: list[bytes]) -> Iterator[np.ndarray]:
+        if self.tok is None:
+            return (np.frombuffer(r, "<u4").astype(self.dtype) for r in raw)
+        encodings = self.tok.encode_batch_fast([r.decode("utf-8") for r in raw], add_special_tokens=False)
+        return (np.array(enc.ids, self.dtype) for enc in encodings)
+
+
+def _batches(fd: int, starts: np.ndarray, ends: np.ndarray) -> Iterator[tuple[int, list[bytes]]]:
+    """(index of the first, documents) of consecutive runs of about ENCODE_BATCH_BYTES read from the cache, so a
+    worker never holds more than one run's text and encodings."""
+    batch: list[bytes] = []
+    first = size = 0
+    for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        batch.append(os.pread(fd, b - a, a))
+        size += b - a
+        if size >= ENCODE_BATCH_BYTES:
+            yield first, batch
+            batch, first, size = [], i + 1, 0
+    if batch:
+        yield first, batch
+
+
+_WORKER: _Encoder | None = None
+
+
+def _start_worker(*spec: Any) -> None:
+    """Worker initializer: one tokenizer per process, encoding on one thread (the processes are the parallelism).
+
+    A worker whose prepare is killed would wait for work forever: a watcher thread ends it with its parent.
+    """
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = _Encoder(*spec)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+
+
+def _run_worker(chunk: _Chunk) -> None:
+    _WORKER(chunk)
+
+
+def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: int, progress: bool) -> int:
+    """Encode every chunk without a part file yet (in `workers` processes), at most 2 per worker queued; returns the
+    number of chunks."""
+    total = 0
+    with tqdm(total=n_docs, desc="encoding", unit="doc", disable=not progress) as bar:
+
+        def todo() -> Iterator[_Chunk]:
+            nonlocal total
+            for chunk in chunks:
+                total += 1
+                if _part(encoder.parts, chunk.index).is_file():
+                    bar.update(len(chunk.starts))
+                else:
+                    yield chunk
+
+        if workers == 1:
+            for chunk in todo():
+                encoder(chunk)
+                bar.update(len(chunk.starts))
+            return total
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, rayon)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=encoder.spec) as pool:
+            pending: dict[Future, int] = {}
+            for chunk in todo():
+                if len(pending) >= 2 * workers:
+                    _collect(pending, bar, FIRST_COMPLETED)
+                pending[pool.submit(_run_worker, chunk)] = len(chunk.starts)
+            _collect(pending, bar, "ALL_COMPLETED")
+    return total
+
+
+def _collect(pending: dict[Future, int], bar: tqdm, when: str) -> None:
+    done, _ = wait(pending, return_when=when)
+    for future in done:
+        future.result()  # a worker's error surfaces here
+        bar.update(pending.pop(future))
+
+
+def _assemble(work: Path, n_chunks: int, dtype: np.dtype, shard_tokens: int, ids: bool) -> dict[str, Any]:
+    """Append the part files, in chunk order, to the train and validation shards; returns the splits' metadata."""
+    parts = str(work / PARTS)
+    with ShardWriter(work, "train", dtype, shard_tokens) as train, ShardWriter(work, "val", dtype, shard_tokens) as val:
+        for index in range(n_chunks):
+            with np.load(_part(parts, index)) as part:
+                for name, writer in (("train", train), ("val", val)):
+                    documents, text_bytes = part[f"{name}_counts"].tolist()
+                    if documents:
+                        writer.add(part[name], documents, text_bytes)
+        splits = {"train": train.close(), "val": val.close()}
+    if ids:
+        for split in splits.values():
+            split["bytes"] = None  # the text behind pre-tokenized ids is not known
+    return splits
 
 
 def _meta(tmp: Path, dtype: np.dtype, vocab: int, eos: int, sources: list[str], seed: int, keep_order: bool,
@@ -167,71 +481,3 @@ def _meta(tmp: Path, dtype: np.dtype, vocab: int, eos: int, sources: list[str], 
             "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE), "source": list(sources),
             "seed": seed, "shuffled": not keep_order, "val_fraction": val_fraction, "max_bytes": max_bytes,
             "superpose_version": __version__, "splits": splits}
-
-
-class _DocumentCache:
-    """Length-prefixed UTF-8 documents on disk, so pass 2 re-reads exactly what pass 1 saw, in any order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offsets: list[int] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.offsets)
-
-    def record(self, docs: Iterable[str], bar: tqdm) -> Iterator[str]:
-        """Write each document to the cache while passing it on (to the tokenizer trainer)."""
-        with open(self.path, "wb") as f:
-            for doc in docs:
-                raw = doc.encode("utf-8")
-                self.offsets.append(f.tell())
-                f.write(_LENGTH.pack(len(raw)))
-                f.write(raw)
-                bar.update()
-                yield doc
-
-    def read(self, order: np.ndarray) -> Iterator[tuple[int, str]]:
-        """(index, text) of the documents in ``order`` (indices in recording order)."""
-        with open(self.path, "rb") as f:
-            for index in order.tolist():
-                f.seek(self.offsets[index])
-                (size,) = _LENGTH.unpack(f.read(_LENGTH.size))
-                yield index, f.read(size).decode("utf-8")
-
-
-def _batches(docs: Iterable[tuple[int, str]]) -> Iterator[tuple[list[int], list[str]]]:
-    """Group (index, text) pairs into ~1 MB batches for encode_batch; yields (indices, texts)."""
-    indices, batch, size = [], [], 0
-    for index, doc in docs:
-        indices.append(index)
-        batch.append(doc)
-        size += len(doc)
-        if size >= ENCODE_BATCH_BYTES:
-            yield indices, batch
-            indices, batch, size = [], [], 0
-    if batch:
-        yield indices, batch
-
-
-def _choose_val(n_docs: int, val_fraction: float, min_val: int, seed: int, sources: list[str]) -> np.ndarray:
-    """Mark validation documents from (seed, document index) only, topping up to min_val documents.
-
-    Document i gets score u_i, the i-th draw of default_rng(seed); it is held out when
-    u_i < val_fraction, or when it is among the min_val lowest scores.
-    """
-    corpus = ", ".join(sources)
-    if n_docs == 0:
-        raise SuperposeError(f"corpus {corpus} has no documents")
-    if n_docs < min_val + 1:
-        raise SuperposeError(
-            f"corpus {corpus} has {n_docs} document(s): too few for {min_val} validation document(s)"
-            " and at least one training document"
-        )
-    scores = np.random.default_rng(seed).random(n_docs)
-    is_val = scores < val_fraction
-    if is_val.sum() < min_val:
-        is_val[np.argsort(scores, kind="stable")[:min_val]] = True
-    if is_val.all():
-        is_val[np.argmax(scores)] = False
-    return is_val

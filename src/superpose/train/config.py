@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from tokenizers import Tokenizer
+from transformers import PretrainedConfig
 
+from ..data.shards import _check_same_vocab
+from ..data.tokenizer import load_tokenizer
 from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
-from ..models import get_preset
+from ..models import custom_config, get_preset, model_config, pretrained_config
 from ..schedule import PhaseSchedule, Stage, two_phase_stages, wsd_decay_start
 
 if sys.version_info >= (3, 11):
@@ -37,23 +41,98 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+DEFAULT_PRESET = "tiny"
+
+
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
-    """Named model shape (see ``superpose presets``); the vocabulary size comes from the prepared data."""
+    preset: str = ""
+    """Named model shape (see ``superpose presets``); the vocabulary size comes from the prepared data. Default tiny
+    unless config or init_from gives the architecture."""
+    config: str = ""
+    """Any transformers causal LM instead of a preset: a config.json, a folder holding one, or a hub name; seeded
+    init, vocabulary cut to the data's (docs/models.md)."""
+    init_from: str = ""
+    """Continue pretraining a transformers model folder (config.json, safetensors, optionally tokenizer.json, which
+    must match the data's): its architecture and weights replace the preset and the seeded init; --resume takes the
+    weights from the checkpoint instead."""
     overrides: dict = field(default_factory=dict)
-    """Preset shape fields to change, e.g. ``{hidden_size = 256, intermediate_size = 768}`` (width studies)."""
+    """Shape fields to change, e.g. ``{hidden_size = 256, intermediate_size = 768}`` (width studies): preset fields,
+    or fields of the config that model.config / model.init_from gives."""
+
+    def __post_init__(self) -> None:
+        if not (self.preset or self.config or self.init_from):
+            self.preset = DEFAULT_PRESET
 
     def validate(self) -> None:
-        get_preset(self.preset, **self.overrides)  # a known preset, overrides of the right types and ranges
+        given = [key for key in ("preset", "config", "init_from") if getattr(self, key)]
+        _require(len(given) == 1, f"{' and '.join('model.' + key for key in given)} exclude each other; give one "
+                                  f"of them")
+        _require("vocab_size" not in self.overrides,
+                 "model.overrides.vocab_size: the vocabulary size comes from the prepared data")
+        if self.preset:
+            get_preset(self.preset, **self.overrides)  # a known preset, overrides of the right types and ranges
+        if self.init_from:
+            folder = Path(self.init_from).expanduser()
+            _require((folder / "config.json").is_file(),
+                     f"model.init_from: {self.init_from} is not a model folder (it holds no config.json)")
+
+    def build_config(self, vocab_size: int) -> PretrainedConfig:
+        """The transformers config of this section at the data's vocabulary size: one place for every caller."""
+        if self.init_from:
+            return pretrained_config(self.init_from, vocab_size, self.overrides)
+        if self.config:
+            return custom_config(self.config, vocab_size, self.overrides)
+        return model_config(self.preset, vocab_size, **self.overrides)
+
+    def check_tokenizer(self, tokenizer: Tokenizer, data_path: Path) -> None:
+        """init_from's tokenizer.json, when the folder has one, must be the data's: token ids mean the same then."""
+        own = Path(self.init_from).expanduser() / "tokenizer.json"
+        if self.init_from and own.is_file():
+            _check_same_vocab(load_tokenizer(str(own)), tokenizer, f"model.init_from {own}", data_path)
+
+    def describe(self) -> str:
+        """Where the architecture comes from, for run.json and messages."""
+        return next(f"{key} {value}" for key in ("init_from", "config", "preset") if (value := getattr(self, key)))
 
 
 @dataclass
 class DataConfig:
     path: str = "data/embedded"
     """Folder written by ``superpose prepare``."""
+    sources: list = field(default_factory=list)
+    """A mixture instead of ``path``: ``[{path = "a", weight = 0.7}, {path = "b", weight = 0.3}]`` (optional
+    ``name``, default the folder's name); each batch row comes from one source, in the weights' proportions."""
     tokenizer: str = ""
     """Optional tokenizer to check against the shards (a tokenizer.json, a folder, or a hub name)."""
+
+    def validate(self) -> None:
+        for i, entry in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            _require(isinstance(entry, dict), f"{key}: expected a table {{path, weight}}, got {entry!r}")
+            unknown = sorted(set(entry) - {"path", "weight", "name"})
+            _require(not unknown, f"unknown config key {key}.{(unknown or [''])[0]} (known: name, path, weight)")
+            _require(isinstance(entry.get("path"), str) and bool(entry["path"]),
+                     f"{key}.path: must be a prepared dataset folder, got {entry.get('path')!r}")
+            weight = entry.get("weight")
+            _require(not isinstance(weight, bool) and _finite(weight) and weight > 0,
+                     f"{key}.weight: must be a finite number > 0, got {weight!r}")
+            name = _source_name(entry)
+            _require(isinstance(name, str) and bool(name) and not any(c in name for c in "/\\\0 \t\n"),
+                     f"{key}.name: {name!r} is not a plain name (it keys the source's metrics); set name = \"...\"")
+        names = [name for name, _, _ in self.mixture()]
+        _require(len(set(names)) == len(names),
+                 f"data.sources: names {names} repeat; give each source its own name = \"...\"")
+
+    def mixture(self) -> list[tuple[str, str, float]]:
+        """(name, path, weight) of each source: the ``sources``, or ``path`` as the one source of weight 1."""
+        sources = self.sources or [{"path": self.path, "weight": 1.0}]
+        return [(_source_name(entry), entry["path"], entry["weight"]) for entry in sources]
+
+
+def _source_name(entry: dict[str, Any]) -> Any:
+    """A source's metrics name: its ``name``, else its folder's name."""
+    return entry.get("name", Path(entry["path"]).name)
 
 
 @dataclass
@@ -207,10 +286,18 @@ class CheckpointConfig:
     """Checkpoint every N steps (and at every phase switch and at the end); 0 = only those."""
     keep: int = 3
     """Periodic checkpoints kept (phase-switch and final checkpoints are always kept)."""
+    keep_steps: list[int] = field(default_factory=list)
+    """Steps that also write a checkpoint kept forever, e.g. a planned comparison's trunk at its fork steps (so
+    forks can start from them while it runs on)."""
+    fork_from: str = ""
+    """A checkpoint folder to start from when the run folder holds none yet (a planned comparison's baseline forked
+    from its trunk); once the run has its own checkpoint, --resume continues that one."""
 
     def validate(self) -> None:
         _require(self.every >= 0, f"checkpoint.every: must be >= 0, got {self.every}")
         _require(self.keep >= 1, f"checkpoint.keep: must be >= 1, got {self.keep}")
+        _require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.keep_steps),
+                 f"checkpoint.keep_steps: must be steps >= 1, got {self.keep_steps}")
 
 
 @dataclass
@@ -271,6 +358,7 @@ class RunConfig:
                  f"name: {self.name!r} is not a plain folder name")
         _require("\0" not in self.out_dir, f"out_dir: {self.out_dir!r} holds a NUL byte")
         self.model.validate()
+        self.data.validate()
         self.tst.validate()
         self.train.validate(world_size)
         self.optim.validate(self.train.steps)
@@ -285,6 +373,8 @@ class RunConfig:
         data = dataclasses.asdict(self)
         if self.tst.schedule:
             del data["tst"]["bag"], data["tst"]["ratio"]
+        if self.data.sources:
+            del data["data"]["path"]
         return data
 
     def to_toml(self) -> str:
@@ -342,37 +432,57 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _one_bag_choice(tst: Any, where: str) -> None:
-    """``tst.schedule`` replaces ``tst.bag``/``tst.ratio``: one source (the file, or the overrides) gives one."""
-    if isinstance(tst, dict) and tst.get("schedule") and ("bag" in tst or "ratio" in tst):
-        raise SuperposeError(f"tst.schedule replaces tst.bag/tst.ratio; give one or the other ({where})")
+_CHOICES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "tst": (("schedule",), ("bag", "ratio")),
+    "data": (("sources",), ("path",)),
+    "model": (("preset",), ("config",), ("init_from",)),
+}
+"""Keys of a section that give the same thing in different ways: one group per source (file or overrides)."""
+
+
+def _given(section: dict[str, Any], group: tuple[str, ...]) -> bool:
+    return any(section.get(key, "") not in ("", [], {}) for key in group)
+
+
+def _choice(section: Any, name: str, where: str) -> tuple[str, ...] | None:
+    """The one group of ``name``'s exclusive keys that ``section`` gives (None if none); two are refused."""
+    if not isinstance(section, dict):
+        return None
+    given = [group for group in _CHOICES[name] if _given(section, group)]
+    if len(given) > 1:
+        keys = " and ".join(f"{name}.{'/'.join(group)}" for group in given)
+        raise SuperposeError(f"{keys} exclude each other; give one of them ({where})")
+    return given[0] if given else None
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] = (), world_size: int = 1) -> RunConfig:
-    """A validated config from a raw table and command-line overrides; the overrides' bag choice replaces the
-    file's (``tst.schedule=...`` over a file's bag/ratio, or ``tst.bag=...`` over a file's schedule)."""
-    _one_bag_choice(data.get("tst"), "in the config")
-    given = apply_overrides({}, list(overrides)).get("tst", {})
-    _one_bag_choice(given, "in the overrides")
-    tst = data.get("tst")
-    if isinstance(tst, dict) and isinstance(given, dict):
-        if given.get("schedule"):
-            data = {**data, "tst": {k: v for k, v in tst.items() if k not in ("bag", "ratio")}}
-        elif "bag" in given or "ratio" in given:
-            data = {**data, "tst": {k: v for k, v in tst.items() if k != "schedule"}}
+    """A validated config from a raw table and command-line overrides. Where the overrides choose one of a
+    section's exclusive ways (``tst.schedule`` or ``tst.bag``/``ratio``; ``data.sources`` or ``data.path``;
+    ``model.preset``, ``config`` or ``init_from``), their choice replaces the file's."""
+    given = apply_overrides({}, list(overrides))
+    for name, groups in _CHOICES.items():
+        _choice(data.get(name), name, "in the config")
+        chosen = _choice(given.get(name), name, "in the overrides")
+        if chosen and isinstance(data.get(name), dict):
+            dropped = {key for group in groups if group != chosen for key in group}
+            data = {**data, name: {k: v for k, v in data[name].items() if k not in dropped}}
     return _from_dict(RunConfig, apply_overrides(data, list(overrides))).validate(world_size)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> RunConfig:
-    """Read a TOML config, apply overrides, validate. All problems are one-line SuperposeErrors."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's raw table; a missing or malformed file is a one-line SuperposeError."""
     path = Path(path)
     if not path.is_file():
         raise SuperposeError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SuperposeError(f"{path}: not valid TOML: {e}") from None
-    return config_from_dict(data, overrides, world_size)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> RunConfig:
+    """Read a TOML config, apply overrides, validate. All problems are one-line SuperposeErrors."""
+    return config_from_dict(read_toml(path), overrides, world_size)
 
 
 def config_reference() -> str:

@@ -141,8 +141,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 
 
 def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a Hugging Face causal LM (Llama, Qwen3, Qwen3-MoE, SmolLM3 all use model.layers)."""
-    return list(lm.model.layers)
+    """The transformer blocks of a Hugging Face causal LM, found by class: the outermost modules of the classes the
+    model keeps whole (``_no_split_modules``: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, ...), in order."""
+    kinds = set(getattr(lm, "_no_split_modules", None) or ())
+    blocks: dict[str, torch.nn.Module] = {}
+    for name, module in lm.named_modules():
+        if type(module).__name__ in kinds and not any(name.startswith(f"{outer}.") for outer in blocks):
+            blocks[name] = module
+    if not blocks:
+        raise SuperposeError(f"{type(lm).__name__} names no block class (_no_split_modules) to shard or compile")
+    return list(blocks.values())
 
 
 def data_parallel_mesh(device: torch.device, replicas: int) -> DeviceMesh:

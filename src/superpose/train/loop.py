@@ -12,7 +12,7 @@ import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +20,12 @@ import torch
 
 from .. import method
 from ..data.loader import WindowLoader, check_window, validation_windows
-from ..data.shards import TokenDataset, TokenStream, open_dataset
+from ..data.mixture import MixtureLoader, Source, open_sources, source_counts
+from ..data.shards import TokenDataset
 from ..errors import SuperposeError, TrainingStopped
 from ..files import FolderLock, write_atomic
 from ..flops import flops_per_step, mfu
-from ..models import model_config, parameter_counts
+from ..models import build_model, parameter_counts
 from ..schedule import PhaseSchedule, lr_at, rewarmup_factor
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -45,6 +46,8 @@ class RunResult:
     wall_time: float
     stopped: str | None = None
     """The signal (SIGTERM, SIGINT) that stopped the run early, after its checkpoint; None when it ran to the end."""
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    """A mixture's accounting per source name: windows, text tokens and passes completed (empty for data.path)."""
 
 
 @dataclass
@@ -52,22 +55,32 @@ class RunInputs:
     """What a run reads, opened and checked before anything is written."""
 
     data: TokenDataset
+    """The (first) dataset: its tokenizer and vocabulary are the run's; a mixture's sources all share them."""
     schedule: PhaseSchedule
-    train_stream: TokenStream
-    val_windows: torch.Tensor
-    """``[N, L+1]`` held-out windows, the same at any world size (TrainModule.eval_loss splits them over ranks)."""
+    sources: list[Source]
+    """``data.path`` as one source, or the ``data.sources`` of a mixture (``mixed``), each with its train stream."""
+    val_windows: dict[str, torch.Tensor]
+    """Per source name, ``[N, L+1]`` held-out windows of its own validation split, the same at any world size
+    (TrainModule.eval_loss splits them over ranks)."""
+    mixed: bool = False
 
     @classmethod
     def open(cls, cfg: RunConfig, world_size: int) -> "RunInputs":
-        data = open_dataset(cfg.data.path, tokenizer=cfg.data.tokenizer or None)
+        mixture = cfg.data.mixture()
+        datasets = open_sources([path for _, path, _ in mixture], tokenizer=cfg.data.tokenizer or None)
+        data = datasets[0]
         schedule = cfg.phase_schedule()
         L, B = cfg.train.seq_len, cfg.train.batch_size
-        train_stream = data.split("train")
-        for bag in sorted(set(schedule.bags())):
-            check_window(train_stream, B, method.window_length(L, bag, cfg.tst.mode))
-        val_windows = torch.cat(validation_windows(data.split("val"), B, L, cfg.eval.batches))
-        model_config(cfg.model.preset, data.vocab_size, **cfg.model.overrides)  # unknown preset: fail before writing
-        return cls(data, schedule, train_stream, val_windows)
+        sources = [Source(name, weight, ds.split("train")) for (name, _, weight), ds in zip(mixture, datasets)]
+        for source in sources:
+            for bag in sorted(set(schedule.bags())):
+                check_window(source.stream, B, method.window_length(L, bag, cfg.tst.mode))
+        val_windows = {source.name: torch.cat(validation_windows(ds.split("val"), B, L, cfg.eval.batches))
+                       for source, ds in zip(sources, datasets)}
+        # an unknown preset, a refused family, a vocabulary or tokenizer that does not fit: fail before writing
+        build_model(cfg.model.build_config(data.vocab_size), device="meta")
+        cfg.model.check_tokenizer(data.tokenizer, data.path)
+        return cls(data, schedule, sources, val_windows, mixed=bool(cfg.data.sources))
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = True) -> RunResult:
@@ -106,32 +119,53 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
 
 
 def _find_checkpoint(cfg: RunConfig, resume: bool | str | Path) -> Path | None:
-    """The checkpoint to resume from, None to start afresh; a fresh start into a folder holding a run is refused."""
+    """The checkpoint to resume from, None to start afresh; a fresh start into a folder holding a run is refused.
+    A run with ``checkpoint.fork_from`` starts from that checkpoint until it has one of its own."""
     if resume is True:
         found = list_checkpoints(cfg.run_dir)
-        return found[-1] if found else None
+        return found[-1] if found else _fork_source(cfg)
     if resume:
         return resolve_checkpoint(Path(resume))
     if list_checkpoints(cfg.run_dir):
         raise SuperposeError(f"run folder {cfg.run_dir} already holds a run; pass --resume to continue it or "
                              f"choose another name")
-    return None
+    return _fork_source(cfg)
+
+
+def _fork_source(cfg: RunConfig) -> Path | None:
+    """``checkpoint.fork_from``, which must be complete: a fork started before its source exists is refused."""
+    if not cfg.checkpoint.fork_from:
+        return None
+    source = Path(cfg.checkpoint.fork_from)
+    if not (source / "state.json").is_file():
+        raise SuperposeError(f"checkpoint.fork_from: {source} does not exist yet; start this run once the run that "
+                             f"writes it has passed that step")
+    return source
 
 
 class Evaluator:
-    """Validation loss on the fixed held-out windows: every ``eval.every`` steps and always after the last step."""
+    """Validation loss on the fixed held-out windows: every ``eval.every`` steps and always after the last step.
 
-    def __init__(self, module: TrainModule, windows: torch.Tensor, every: int, total: int):
-        self.module, self.windows, self.every, self.total = module, windows, every, total
+    A mixture scores each source's own windows (``val_loss/<name>``); its ``val_loss`` is their mean weighted by the
+    mixture weights: the expected loss under the training mixture, whatever the sizes of the validation splits.
+    """
+
+    def __init__(self, module: TrainModule, windows: dict[str, torch.Tensor], weights: dict[str, float],
+                 per_source: bool, every: int, total: int):
+        self.module, self.windows, self.weights, self.per_source = module, windows, weights, per_source
+        self.every, self.total = every, total
         self.last = math.nan
 
     def due(self, done: int, finite: bool) -> bool:
         # the last step always evaluates: after a skipped update the weights are the last good ones
         return (finite and self.every > 0 and done % self.every == 0) or done == self.total
 
-    def __call__(self) -> float:
-        self.last = self.module.eval_loss(self.windows)
-        return self.last
+    def __call__(self) -> dict[str, float]:
+        """The metrics of one validation: ``val_loss``, and per source for a mixture."""
+        losses = {name: self.module.eval_loss(windows) for name, windows in self.windows.items()}
+        self.last = sum(self.weights[name] * loss for name, loss in losses.items()) / sum(self.weights.values())
+        return {"val_loss": self.last} | ({f"val_loss/{name}": loss for name, loss in losses.items()}
+                                          if self.per_source else {})
 
 
 class NonFinitePolicy:
@@ -182,14 +216,14 @@ class StopRequest:
 
 
 class CheckpointCadence:
-    """Phase switches and the last step keep their checkpoint forever; ``checkpoint.every`` and a stop write
-    periodic ones (pruned to the newest ``checkpoint.keep``)."""
+    """Phase switches, ``checkpoint.keep_steps`` and the last step keep their checkpoint forever;
+    ``checkpoint.every`` and a stop write periodic ones (pruned to the newest ``checkpoint.keep``)."""
 
-    def __init__(self, every: int, switches: set[int], total: int):
-        self.every, self.switches, self.total = every, switches, total
+    def __init__(self, every: int, switches: set[int], total: int, keep_steps: set[int] = frozenset()):
+        self.every, self.switches, self.total, self.keep_steps = every, switches, total, keep_steps
 
     def kind(self, done: int, stop: bool) -> str | None:
-        if done in self.switches or done == self.total:
+        if done in self.switches or done in self.keep_steps or done == self.total:
             return "keep"
         if stop or (self.every and done % self.every == 0):
             return "periodic"
@@ -223,8 +257,9 @@ class Trainer:
         self.step_flops = flops_per_step(self.model.config, cfg.train.batch_size, cfg.train.seq_len)
         self.parameters = parameter_counts(self.model)
         local = cfg.local_batch_size(info.world_size)
-        self.loader = WindowLoader(inputs.train_stream, cfg.train.batch_size, cfg.seed,
-                                   rows=range(info.rank * local, (info.rank + 1) * local))
+        rows = range(info.rank * local, (info.rank + 1) * local)
+        self.loader = (MixtureLoader(inputs.sources, cfg.train.batch_size, cfg.seed, rows) if inputs.mixed
+                       else WindowLoader(inputs.sources[0].stream, cfg.train.batch_size, cfg.seed, rows=rows))
         self.state = TrainState()
         self.resumed = checkpoint is not None
         if checkpoint is not None:
@@ -233,9 +268,11 @@ class Trainer:
             self.loader.load_state_dict(self.state.loader)
         self.batches = Prefetcher(self.loader, device)
         self.console = Console(cfg.name, cfg.train.steps, self.state.step, progress, info.is_main)
-        self.evaluator = Evaluator(self.module, inputs.val_windows, cfg.eval.every, cfg.train.steps)
+        self.evaluator = Evaluator(self.module, inputs.val_windows, {s.name: s.weight for s in inputs.sources},
+                                   inputs.mixed, cfg.eval.every, cfg.train.steps)
         self.policy = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, self.state, device)
-        self.cadence = CheckpointCadence(cfg.checkpoint.every, set(self.schedule.switch_steps()), cfg.train.steps)
+        self.cadence = CheckpointCadence(cfg.checkpoint.every, set(self.schedule.switch_steps()), cfg.train.steps,
+                                         set(cfg.checkpoint.keep_steps))
         self.throughput = Throughput(self.state)
         self.config_files = {"config.toml": cfg.to_toml(), "config.json": self.model.config.to_json_string()}
         self._wall0 = time.perf_counter() - self.state.wall_time
@@ -269,7 +306,13 @@ class Trainer:
                 writer.close()
         if self.resumed and math.isnan(self.evaluator.last):  # resumed a finished run: report its last validation
             self.evaluator()
-        return RunResult(cfg.run_dir, state.step, self.evaluator.last, state.text_tokens, state.wall_time, stopped)
+        sources = source_counts(state.loader)
+        if sources:
+            self.console.say("data read: " + ", ".join(
+                f"{name} {c['tokens']:,} text tokens ({c['tokens'] / max(1, state.text_tokens):.1%}, "
+                f"{c['windows']:,} windows, {c['epoch']} passes)" for name, c in sources.items()))
+        return RunResult(cfg.run_dir, state.step, self.evaluator.last, state.text_tokens, state.wall_time, stopped,
+                         sources)
 
     def _train_one(self, step: int, should_stop: Callable[[], bool], writer: MetricsWriter | None) -> bool:
         """Train optimizer step ``step``: read, step, account; on logged steps read back, evaluate and report.
@@ -295,7 +338,7 @@ class Trainer:
             return True
         row = self._row(step, bag, lr, result)
         if self.evaluator.due(state.step, "skipped" not in row):
-            row["val_loss"] = self.evaluator()
+            row.update(self.evaluator())
         self._report(row, epoch, writer)
         kill_point("step", state.step)
         if self.policy.must_stop():
@@ -314,7 +357,7 @@ class Trainer:
         c = self.cfg
         return (done % c.train.log_every == 0 or done == c.train.steps or done in self.cadence.switches
                 or done - 1 in self.cadence.switches or (c.eval.every > 0 and done % c.eval.every == 0)
-                or (c.checkpoint.every > 0 and done % c.checkpoint.every == 0))
+                or (c.checkpoint.every > 0 and done % c.checkpoint.every == 0) or done in self.cadence.keep_steps)
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -335,6 +378,9 @@ class Trainer:
                "wall_time": s.wall_time, "step_time": seconds / steps, "tokens_per_s": tokens / seconds,
                "positions_per_s": cfg.train.batch_size * cfg.train.seq_len * steps / seconds,
                "epoch": self.batches.epoch}
+        for name, counts in source_counts(s.loader).items():  # a mixture's exact accounting, per source
+            row |= {f"text_tokens/{name}": counts["tokens"], f"share/{name}": counts["tokens"] / s.text_tokens,
+                    f"windows/{name}": counts["windows"], f"epoch/{name}": counts["epoch"]}
         if self.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             utilisation = mfu(self.step_flops * steps, seconds, torch.cuda.get_device_name(self.device),
@@ -381,9 +427,11 @@ class Trainer:
             self.inputs.data.tokenizer.save(str(run_dir / "tokenizer.json"))
             total, active = self.parameters
             write_atomic(run_dir / "run.json", json.dumps({
-                "preset": cfg.model.preset, "vocab_size": self.inputs.data.vocab_size, "parameters": total,
+                "preset": cfg.model.preset or None, "model": cfg.model.describe(),
+                "family": self.model.config.model_type, "vocab_size": self.inputs.data.vocab_size, "parameters": total,
                 "active_parameters": active, "flops_per_step": self.step_flops, "device": str(self.device),
                 "world_size": info.world_size, "parallel": cfg.train.parallel if info.enabled else None,
                 "stages": [{"bag": st.bag, "end_step": end} for st, end in zip(self.schedule.stages, self.schedule.ends)],
-            }, indent=2))
+            } | ({"sources": [{"name": s.name, "path": str(s.stream.dataset_path), "weight": s.weight}
+                              for s in self.inputs.sources]} if self.inputs.mixed else {}), indent=2))
         barrier(info)

@@ -21,10 +21,16 @@ _GROUPS = {"train_loss": "train/loss", "val_loss": "eval/loss", "lr": "train/lr"
            "positions_per_s": "perf/positions_per_s", "step_time": "perf/step_time", "mfu": "perf/mfu",
            "peak_memory_gb": "perf/peak_memory_gb", "expert_load_max": "moe/expert_load_max",
            "expert_load_cv": "moe/expert_load_cv"}
+# A data mixture's per-source keys, ``<metric>/<source name>``.
+_PER_SOURCE = {"text_tokens": "data/tokens", "share": "data/share", "windows": "data/windows", "epoch": "data/epoch",
+               "val_loss": "eval/loss"}
 
 
 def dashboard_tag(key: str) -> str:
     """The TensorBoard/W&B tag of a metrics key (unknown keys go under ``train/``)."""
+    metric, _, source = key.partition("/")
+    if source and metric in _PER_SOURCE:
+        return f"{_PER_SOURCE[metric]}/{source}"
     return _GROUPS.get(key, f"train/{key}")
 
 

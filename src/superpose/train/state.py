@@ -39,7 +39,8 @@ class TrainState:
     skipped_in_row: int = 0
     """The current run of consecutive skipped updates (the non-finite policy stops at ``train.max_skips``)."""
     loader: dict = field(default_factory=dict)
-    """The data loader's position (its own ``state_dict``)."""
+    """The data loader's position (its own ``state_dict``); a mixture's also holds each source's windows and text
+    tokens read so far, so a resume continues the per-source accounting exactly (``data.mixture.source_counts``)."""
 
     def advance(self, text_tokens: int, flops: int, wall_time: float) -> None:
         self.step += 1

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from .. import method
 from ..losses import chunked_multi_hot_cross_entropy
-from ..models import build_model, materialize, router_aux_loss, use_causal_sdpa
+from ..errors import SuperposeError
+from ..models import build_model, materialize, moe_shape, read_pretrained, router_aux_loss, use_causal_sdpa
 from .config import RunConfig
 from .distributed import (
     DistInfo,
     accumulation_context,
+    any_rank,
     apply_parallelism,
     decoder_layers,
     shards,
@@ -70,8 +73,8 @@ class Objective(NamedTuple):
 class LMObjective(torch.nn.Module):
     """A Hugging Face causal LM under the TST objective: windows in, :class:`Objective` out.
 
-    The backbone (``lm.model``) runs on ``L`` positions of bag means; the head and the multi-hot loss follow, either
-    on full logits or fused and chunked (``loss_chunk``) so ``[B*L, V]`` logits are never held at once.
+    The backbone (``lm.base_model``) runs on ``L`` positions of bag means; the head and the multi-hot loss follow,
+    either on full logits or fused and chunked (``loss_chunk``) so ``[B*L, V]`` logits are never held at once.
     """
 
     def __init__(self, lm: torch.nn.Module, cfg: RunConfig):
@@ -80,13 +83,17 @@ class LMObjective(torch.nn.Module):
         self.tst = cfg.tst
         self.loss_chunk = cfg.train.loss_chunk
         self.compile_loss = cfg.train.compile
-        self.num_experts = int(getattr(lm.config, "num_experts", 0) or 0)
+        self.num_experts, self.top_k = moe_shape(lm.config)
 
     def forward(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
         input_ids, targets = method.split_window(window, bag, mode)
-        x = method.embed_inputs(self.lm.get_input_embeddings(), input_ids, bag, mode, self.tst.rescale_mean)
+        embedding = self.lm.get_input_embeddings()
+        x = method.embed_inputs(embedding, input_ids, bag, mode, self.tst.rescale_mean)
+        scale = getattr(embedding, "embed_scale", None)  # Gemma scales lookups (by sqrt(d)) inside its embedding
+        if scale is not None:
+            x = x * scale.to(x.dtype)
         extra = {"output_router_logits": True} if self.num_experts else {}
-        out = self.lm.model(inputs_embeds=x, use_cache=False, **extra)
+        out = self.lm.base_model(inputs_embeds=x, use_cache=False, **extra)
         w = None if mode == "input" else method.target_weights(bag, self.tst.weighting, self.tst.alpha)
         if self.loss_chunk:
             head = self.lm.get_output_embeddings()
@@ -99,7 +106,7 @@ class LMObjective(torch.nn.Module):
         if not self.num_experts:
             return Objective(loss)
         with torch.no_grad():
-            load = expert_load(out.router_logits, self.lm.config.num_experts_per_tok)
+            load = expert_load(out.router_logits, self.top_k)
         return Objective(loss, router_aux_loss(self.lm, out), load)
 
 
@@ -146,14 +153,15 @@ class TrainModule:
 
     The model is built on the meta device, wrapped (FSDP2 shards the weightless shell), then each rank allocates
     only its shard on ``device`` and, when ``init``, draws ``cfg.seed``'s weights for it: the same weights as a
-    single process draws. ``init=False`` (resuming) leaves the weights for the checkpoint to fill.
+    single process draws, or with ``model.init_from`` copies its shard of that folder's weights
+    (:meth:`_load_pretrained`). ``init=False`` (resuming) leaves the weights for the checkpoint to fill.
     """
 
     def __init__(self, cfg: RunConfig, vocab_size: int, device: torch.device, info: DistInfo = DistInfo(),
                  init: bool = True):
         self.cfg, self.device, self.info = cfg, device, info
         train = cfg.train
-        self.model = build_model(cfg.model.preset, vocab_size, device="meta", **cfg.model.overrides)
+        self.model = build_model(cfg.model.build_config(vocab_size), device="meta")
         use_causal_sdpa(self.model)
         use_bf16 = train.dtype == "bf16" or (train.dtype == "auto" and device.type == "cuda")
         if train.activation_checkpointing:
@@ -162,13 +170,14 @@ class TrainModule:
             for block in decoder_layers(self.model):
                 block.compile()
         self.sharded = shards(train.parallel)
-        seed = cfg.seed if init else None
+        pretrained = cfg.model.init_from if init else ""
+        seed = cfg.seed if init and not pretrained else None
         if not self.sharded:  # DDP and one process wrap real weights
-            materialize(self.model, device, seed)
+            self._materialize(seed, pretrained)
         self.objective = apply_parallelism(LMObjective(self.model, cfg), self.model, train.parallel, info, device,
                                            use_bf16 and self.sharded, train.replicas)
         if self.sharded:
-            materialize(self.model, device, seed)
+            self._materialize(seed, pretrained)
         o = cfg.optim
         # fused: one kernel per step, and it skips a non-finite update on the device (``found_inf``)
         self.optimizer = torch.optim.AdamW(_decay_groups(self.model, o.weight_decay), lr=o.lr,
@@ -177,6 +186,29 @@ class TrainModule:
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
         self._aux_coef = float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+    def _materialize(self, seed: int | None, pretrained: str) -> None:
+        materialize(self.model, self.device, seed)
+        if pretrained:
+            self._load_pretrained(pretrained)
+
+    def _load_pretrained(self, folder: str) -> None:
+        """Copy a model folder's weights into this rank's parameters (its shard under FSDP2).
+
+        Rank 0 alone reads the folder (one full float32 copy of the model in its host memory, freed after the copy)
+        and broadcasts one tensor at a time; every other rank holds at most one full tensor beside its shard. A
+        folder rank 0 cannot load is one line on every rank.
+        """
+        weights, problem = {}, None
+        if self.info.is_main:
+            try:
+                weights = read_pretrained(folder, self.model.config)
+            except SuperposeError as e:
+                problem = e
+        if any_rank(problem is not None, self.info):
+            raise problem or SuperposeError(f"model.init_from: rank 0 could not load {folder}")
+        set_model_state_dict(self.model, weights, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=self.info.enabled))
 
     def loss(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
         """Objective on one micro-batch of windows (the router loss and expert load too, for MoE models)."""

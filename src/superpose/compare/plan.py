@@ -1,0 +1,247 @@
+"""A comparison as cluster jobs: ``superpose compare|sweep ... --plan DIR`` writes every run as an ordinary run
+config, the dependency graph and launchers; ``superpose compare --report DIR`` collects whatever has finished.
+
+``DIR`` holds ``plan.json`` (the comparison and its jobs: id, config, command, torchrun command, the job it waits
+for, the checkpoint it forks from and the step that checkpoint is written at), ``jobs/seed-N/NAME/config.toml``
+(one run config per job, trained with ``superpose train CONFIG --resume``) and ``job.sbatch`` beside it,
+``run_local.sh`` (every job on this machine, one after another or ``-j N`` at a time), ``torchrun.sh JOB`` and
+``slurm.sh`` (every job submitted with sbatch; a fork after its trunk), and ``runs/`` unless ``--runs`` says where.
+The jobs are the ones the in-process ``compare`` trains, in the same order, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import SuperposeError
+from ..files import atomic_dir, require_empty
+from ..train.config import RunConfig, config_from_dict, read_toml
+from .isoloss import DEFAULT_FAMILY
+from .runs import Comparison, Job, Variant, check_comparison, collect, plan_jobs
+
+SECTION_DEFAULTS: dict[str, Any] = {"seeds": 1, "family": list(DEFAULT_FAMILY), "ablation": ["both"],
+                                    "bags": [2, 4, 8], "ratios": [0.1, 0.2, 0.3], "gpus": 1, "nodes": 1}
+"""The keys of a config's ``[compare]`` section and their defaults (the command line's options override them)."""
+ONLY_FOR = {"ablation": "compare", "bags": "sweep", "ratios": "sweep"}
+
+STOP_LEAD_S = 900
+"""SIGTERM this long before the time limit, and torchrun's wait before SIGKILL just under it (docs/distributed.md)."""
+
+
+def load_comparison(path: str | Path, overrides: Sequence[str] = (),
+                    command: str = "compare") -> tuple[RunConfig, dict[str, Any]]:
+    """A run config file with an optional ``[compare]`` section (configs/paper/): the validated run config, and the
+    section with defaults filled in. A key of the other command (a sweep's bags with compare) is refused."""
+    path = Path(path)
+    data = read_toml(path)
+    section = data.pop("compare", {})
+    if not isinstance(section, dict):
+        raise SuperposeError(f"{path}: compare must be a table")
+    unknown = sorted(set(section) - set(SECTION_DEFAULTS))
+    if unknown:
+        raise SuperposeError(f"unknown config key compare.{unknown[0]} (known: {', '.join(sorted(SECTION_DEFAULTS))})")
+    for key, value in section.items():
+        if ONLY_FOR.get(key, command) != command:
+            raise SuperposeError(f"{path}: compare.{key} is for superpose {ONLY_FOR[key]}, not {command}")
+        default = SECTION_DEFAULTS[key]
+        if isinstance(default, int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SuperposeError(f"compare.{key}: expected an integer >= 1, got {value!r}")
+        if isinstance(default, list) and not isinstance(value, list):
+            raise SuperposeError(f"compare.{key}: expected a list, got {value!r}")
+    return config_from_dict(data, list(overrides)), {**SECTION_DEFAULTS, **section}
+
+
+def _sh(path: Path | str) -> str:
+    return shlex.quote(str(path))
+
+
+def _job_json(job: Job, config: Path, gpus: int, nodes: int) -> dict[str, Any]:
+    train = f"superpose train {_sh(config)} --resume"
+    return {"id": job.id, "kind": job.kind, "seed": job.seed, "label": job.label, "config": str(config),
+            "run_dir": str(job.cfg.run_dir), "steps": job.cfg.train.steps, "after": job.after,
+            "fork_from": job.cfg.checkpoint.fork_from, "wait_step": job.wait_step, "command": train,
+            "torchrun": f"torchrun --nnodes {nodes} --nproc_per_node {gpus} -m {train}"}
+
+
+def _run_local(plan: dict[str, Any]) -> str:
+    ready_first = sorted(plan["jobs"], key=lambda j: bool(j["after"]))  # forks last: they wait for their trunk
+    starts = "\n".join(f"start {_sh(j['id'])} {_sh(j['config'])} {_sh(j['after'])} {_sh(j['fork_from'])}"
+                       for j in ready_first)
+    return f"""#!/usr/bin/env bash
+# Train every run of this plan on this machine, in dependency order: one after another, or -j N at a time. A
+# baseline forked from its trunk starts once the trunk has written the checkpoint it starts from. Every run is
+# `superpose train CONFIG --resume`, so running this again continues what was stopped and skips nothing finished
+# twice (a finished run resumes at its end). Logs: logs/. SUPERPOSE overrides the command (default: superpose).
+set -u
+plan={_sh(plan['dir'])}
+cd {_sh(plan['workdir'])} || exit 2
+superpose=${{SUPERPOSE:-superpose}}
+at_once=1
+while getopts j: opt; do
+    case $opt in
+        j) at_once=$OPTARG ;;
+        *) echo "usage: $0 [-j N]" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$plan/logs"
+declare -A pid
+failed=0
+
+running() {{
+    local n=0 p
+    for p in "${{pid[@]}}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+    echo "$n"
+}}
+
+start() {{  # JOB CONFIG AFTER FORK_FROM
+    local job=$1 config=$2 after=$3 source=$4
+    if [ -n "$source" ]; then
+        until [ -f "$source/state.json" ]; do
+            if [ -z "${{pid[$after]:-}}" ] || ! kill -0 "${{pid[$after]}}" 2>/dev/null; then
+                [ -f "$source/state.json" ] && break
+                echo "$job: not started: $after ended without writing $source" >&2
+                failed=1
+                return
+            fi
+            sleep 1
+        done
+    fi
+    while [ "$(running)" -ge "$at_once" ]; do sleep 1; done
+    echo "start $job"
+    $superpose train "$config" --resume --quiet >>"$plan/logs/${{job//\\//_}}.log" 2>&1 &
+    pid[$job]=$!
+}}
+
+{starts}
+for job in "${{!pid[@]}}"; do
+    if ! wait "${{pid[$job]}}"; then echo "$job failed: see $plan/logs/" >&2; failed=1; fi
+done
+exit $failed
+"""
+
+
+def _torchrun(plan: dict[str, Any]) -> str:
+    return f"""#!/usr/bin/env bash
+# One job of this plan under torchrun: torchrun.sh JOB [TORCHRUN OPTIONS...], JOB as in plan.json (e.g.
+# seed-0/trunk). Run it again to continue a stopped run (--resume). Multi-node: add --nnodes, --rdzv_* options.
+set -eu
+[ $# -ge 1 ] || {{ echo "usage: $0 JOB [torchrun options]" >&2; exit 2; }}
+config={_sh(plan['dir'])}/jobs/$1/config.toml
+[ -f "$config" ] || {{ echo "$0: no job $1 in this plan (see plan.json)" >&2; exit 2; }}
+shift
+cd {_sh(plan['workdir'])}
+exec torchrun --nproc_per_node {plan['gpus']} --shutdown-timeout {STOP_LEAD_S - 60} "$@" \\
+    -m superpose train "$config" --resume
+"""
+
+
+def _sbatch(plan: dict[str, Any], job: dict[str, Any]) -> str:
+    log = f"{plan['dir']}/logs/{job['id'].replace('/', '_')}-%j.log"
+    return f"""#!/bin/bash
+#SBATCH --job-name={job['id'].replace('/', '_')}
+#SBATCH --nodes={plan['nodes']}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={plan['gpus']}
+#SBATCH --signal=TERM@{STOP_LEAD_S}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={log}
+# SIGTERM reaches every training process {STOP_LEAD_S} s before the time limit (no "B:"); they checkpoint and exit
+# 143, and the job requeues itself to continue (--resume). Preemption requeues it too (--requeue).
+cd {_sh(plan['workdir'])}
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {plan['gpus']} \\
+    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$head:29500" \\
+    --shutdown-timeout {STOP_LEAD_S - 60} \\
+    -m superpose train {_sh(job['config'])} --resume --quiet
+rc=$?
+if [ "$rc" -ne 0 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt "${{SUPERPOSE_REQUEUES:-20}}" ]; then
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
+"""
+
+
+def _slurm(plan: dict[str, Any]) -> str:
+    submits = "\n".join(f"submit {_sh(j['id'])}" + (f" {_sh(j['after'])}" if j["after"] else "")
+                        for j in plan["jobs"])
+    return f"""#!/usr/bin/env bash
+# Submit every run of this plan to SLURM: bash slurm.sh [SBATCH OPTIONS...] (e.g. --partition=gpu --time=24:00:00,
+# given to every job). A baseline forked from its seed's trunk starts after the trunk (afterok): the makespan is the
+# trunk plus the longest decay either way. Each job is jobs/JOB/job.sbatch; submitting one again continues it.
+set -euo pipefail
+plan={_sh(plan['dir'])}
+options=("$@")
+mkdir -p "$plan/logs"
+declare -A id
+
+submit() {{  # JOB [JOB IT WAITS FOR]
+    local dependency=()
+    if [ $# -ge 2 ]; then dependency=(--dependency="afterok:${{id[$2]}}"); fi
+    id[$1]=$(sbatch --parsable ${{dependency[@]+"${{dependency[@]}}"}} ${{options[@]+"${{options[@]}}"}} \\
+        "$plan/jobs/$1/job.sbatch")
+    id[$1]=${{id[$1]%%;*}}
+    echo "$1: job ${{id[$1]}}${{2:+ after $2}}"
+}}
+
+{submits}
+"""
+
+
+def write_plan(out: Path, base: RunConfig, variants: Sequence[Variant], seeds: int, family: Sequence[float],
+               runs: Path | None = None, gpus: int = 1, nodes: int = 1, kind: str = "compare",
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write the comparison's jobs, ``plan.json`` and launchers into ``out`` (empty or new); returns plan.json."""
+    check_comparison(base, variants, seeds, family)
+    if gpus < 1 or nodes < 1:
+        raise SuperposeError(f"--gpus and --nodes must be >= 1, got {gpus} and {nodes}")
+    out = Path(out).resolve()
+    require_empty(out, "plan folder")
+    runs = Path(runs).resolve() if runs else out / "runs"
+    jobs = plan_jobs(base, variants, seeds, family, runs)
+    for job in jobs:
+        job.cfg.validate(gpus * nodes)  # the global batch must split over the ranks
+    plan = {"version": 1, "kind": kind, "dir": str(out), "workdir": str(Path.cwd()), "runs": str(runs),
+            "gpus": gpus, "nodes": nodes, "base": base.to_dict(), "seeds": seeds, "family": list(family),
+            "variants": [{"label": v.label, "tst": v.tst} for v in variants], **(extra or {}),
+            "jobs": [_job_json(job, out / "jobs" / job.id / "config.toml", gpus, nodes) for job in jobs]}
+    with atomic_dir(out) as tmp:
+        for job in jobs:
+            folder = tmp / "jobs" / job.id
+            folder.mkdir(parents=True)
+            (folder / "config.toml").write_text(job.cfg.to_toml())
+        for job in plan["jobs"]:
+            (tmp / "jobs" / job["id"] / "job.sbatch").write_text(_sbatch(plan, job))
+        for name, text in (("run_local.sh", _run_local(plan)), ("torchrun.sh", _torchrun(plan)),
+                           ("slurm.sh", _slurm(plan))):
+            (tmp / name).write_text(text)
+            (tmp / name).chmod(0o755)
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
+    return out / "plan.json"
+
+
+def read_plan(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "plan.json"
+    if not path.is_file():
+        raise SuperposeError(f"{folder} holds no plan.json; write one with superpose compare CONFIG --plan {folder}")
+    try:
+        plan = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise SuperposeError(f"{path} is corrupt") from None
+    if not isinstance(plan, dict) or plan.get("version") != 1:
+        raise SuperposeError(f"{path} is not a superpose plan (version 1)")
+    return plan
+
+
+def collect_plan(folder: Path) -> tuple[Comparison, dict[str, Any]]:
+    """The comparison of a plan as far as its runs have finished, and the plan."""
+    plan = read_plan(folder)
+    base = config_from_dict(plan["base"])
+    variants = [Variant(v["label"], v["tst"]) for v in plan["variants"]]
+    result = collect(base, variants, plan["seeds"], plan["family"], Path(plan["runs"]), partial=True)
+    if "grid" in plan:
+        result.extra["grid"] = plan["grid"]
+    return result, plan

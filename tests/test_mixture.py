@@ -1,0 +1,249 @@
+"""Data mixtures (superpose.data.mixture, ``data.sources``): shares within quota, exact resume at any world size,
+one source = ``data.path``, one-line errors, and a two-source run across a TST switch that logs and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+
+from superpose.data.loader import WindowLoader
+from superpose.data.mixture import MixtureLoader, Source, source_counts
+from superpose.data.prepare import prepare
+from superpose.data.shards import FORMAT, ShardWriter, open_dataset, write_meta
+from superpose.errors import SuperposeError
+from superpose.files import file_sha256
+from superpose.train.checkpoint import list_checkpoints
+from superpose.train.config import config_from_dict
+from superpose.train.loop import train
+from superpose.train.metrics import dashboard_tag, read_metrics
+
+from conftest import make_tiny_config, run_error
+
+VOCAB = 4000
+# Source k's train tokens are BASE[k] + position, so a window names its source and its place by its values.
+BASE = {"web": 0, "code": 1000, "math": 2000}
+SIZES = {"web": 900, "code": 500, "math": 300}
+
+
+def write_dataset(root: Path, train: np.ndarray, val: np.ndarray, vocab: int = VOCAB) -> Path:
+    """A prepared dataset folder holding exactly these token ids (word-level tokenizer of ``vocab`` ids)."""
+    root.mkdir(parents=True)
+    words = {"<|endoftext|>": 0} | {f"t{i}": i for i in range(1, vocab)}
+    Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>")).save(str(root / "tokenizer.json"))
+    splits = {}
+    for name, tokens in (("train", train), ("val", val)):
+        with ShardWriter(root, name, np.dtype("<u2"), shard_tokens=211) as w:
+            w.add(tokens, 1)
+            splits[name] = w.close()
+    write_meta(root, {"format": FORMAT, "version": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0,
+                      "tokenizer": "tokenizer.json", "tokenizer_sha256": file_sha256(root / "tokenizer.json"),
+                      "source": ["synthetic"], "seed": 0, "val_fraction": 0.1, "splits": splits})
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mix")
+    return {name: write_dataset(root / name, BASE[name] + np.arange(SIZES[name]), BASE[name] + np.arange(64))
+            for name in BASE}
+
+
+def sources(folders: dict[str, Path], weights: dict[str, float]) -> list[Source]:
+    return [Source(name, w, open_dataset(folders[name]).split("train")) for name, w in weights.items()]
+
+
+def source_of(batch: np.ndarray) -> np.ndarray:
+    """The source index of every row (by its first token's value), in the order of BASE."""
+    return np.searchsorted(sorted(BASE.values()), batch[:, 0], side="right") - 1
+
+
+WEIGHTS = {"web": 0.5, "code": 0.3, "math": 0.2}
+TST_WINDOWS = [36] * 12 + [9] * 18  # bag 4 then bag 1 at L = 8: the window shrinks mid-run
+
+
+def test_shares_stay_within_quota_at_every_row(folders):
+    """After every batch each source has floor or ceil of weight x windows, counted from the windows' own
+    values; every window is contiguous text of its source; tokens are within one longest window of their share."""
+    B = 7
+    loader = MixtureLoader(sources(folders, WEIGHTS), B, seed=3)
+    p = np.array(list(WEIGHTS.values())) / sum(WEIGHTS.values())
+    seen, tokens = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
+    for w in TST_WINDOWS:
+        batch = loader.next_batch(w).numpy()
+        which = source_of(batch)
+        assert ((np.diff(batch, axis=1) % np.array(list(SIZES.values()))[which, None]) == 1).all()
+        counts = np.bincount(which, minlength=3)
+        assert (counts >= np.floor(p * B) - 1).all() and (counts <= np.ceil(p * B) + 1).all()
+        seen += counts
+        tokens += counts * w
+        assert (np.abs(seen - p * seen.sum()) < 1).all(), seen
+        state = source_counts(loader.state_dict())
+        assert [state[n]["windows"] for n in WEIGHTS] == seen.tolist()
+        assert [state[n]["tokens"] for n in WEIGHTS] == tokens.tolist()
+    assert (np.abs(tokens - p * tokens.sum()) < max(TST_WINDOWS)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=6), seed=st.integers(0, 2**32),
+       batch=st.integers(1, 9))
+def test_quota_method_holds_for_any_weights(folders, weights, seed, batch):
+    """Any weights, any seed: every prefix of the window sequence gives each source floor or ceil of its share."""
+    stream = open_dataset(folders["web"]).split("train")
+    loader = MixtureLoader([Source(f"s{k}", w, stream) for k, w in enumerate(weights)], batch, seed)
+    p = np.array(weights) / sum(weights)
+    which = np.concatenate([loader.assign(batch) for _ in range(200 // batch)])
+    counts = np.cumsum(np.eye(len(weights), dtype=np.int64)[which], axis=0)
+    assert (np.abs(counts - p * np.arange(1, len(which) + 1)[:, None]) < 1 + 1e-9).all()
+
+
+def run_batches(folders, windows, cut=None, world=1, B=6, seed=11):
+    """Global batches over ``windows``, resumed at call ``cut`` from a JSON round trip on ``world`` ranks."""
+    loaders = [MixtureLoader(sources(folders, WEIGHTS), B, seed)]
+    out = []
+    for i, w in enumerate(windows):
+        if i == cut:
+            state = json.loads(json.dumps(loaders[0].state_dict()))
+            share = B // world
+            loaders = [MixtureLoader(sources(folders, WEIGHTS), B, seed, rows=range(r * share, (r + 1) * share))
+                       for r in range(world)]
+            for loader in loaders:
+                loader.load_state_dict(state)
+        out.append(np.concatenate([loader.next_batch(w).numpy() for loader in loaders]))
+    return out, loaders[0].state_dict()
+
+
+@pytest.mark.parametrize("cut,world", [(5, 1), (12, 2), (13, 3), (0, 2)])
+def test_resume_and_world_size_reproduce_batches_and_counts(folders, cut, world):
+    straight, end = run_batches(folders, TST_WINDOWS)
+    resumed, end_resumed = run_batches(folders, TST_WINDOWS, cut=cut, world=world)
+    for want, got in zip(straight, resumed):
+        np.testing.assert_array_equal(got, want)
+    assert source_counts(end_resumed) == source_counts(end)
+
+
+def test_one_source_reads_exactly_what_data_path_reads(folders):
+    stream = open_dataset(folders["web"]).split("train")
+    single, mixed = WindowLoader(stream, 4, seed=5, rows=range(1, 3)), MixtureLoader(
+        [Source("web", 2.5, stream)], 4, seed=5, rows=range(1, 3))
+    for w in TST_WINDOWS:
+        assert torch.equal(mixed.next_batch(w), single.next_batch(w))
+        assert mixed.epoch == single.epoch
+    assert mixed.state_dict()["sources"][0]["loader"] == single.state_dict()
+
+
+def test_loader_refuses_state_of_other_sources(folders):
+    loader = MixtureLoader(sources(folders, WEIGHTS), 6, seed=0)
+    loader.next_batch(9)
+    state = loader.state_dict()
+    other = MixtureLoader(sources(folders, {**WEIGHTS, "math": 0.25}), 6, seed=0)
+    with pytest.raises(SuperposeError, match="is for sources"):
+        other.load_state_dict(state)
+    with pytest.raises(SuperposeError, match="written by a data.path run"):
+        other.load_state_dict(WindowLoader(sources(folders, WEIGHTS)[0].stream, 6, 0).state_dict())
+    with pytest.raises(SuperposeError, match="a data mixture's"):
+        WindowLoader(sources(folders, WEIGHTS)[0].stream, 6, 0).load_state_dict(state)
+    state["sources"][0]["windows"] += 6  # no longer within quota
+    with pytest.raises(SuperposeError, match="corrupt"):
+        MixtureLoader(sources(folders, WEIGHTS), 6, seed=0).load_state_dict(state)
+    assert dashboard_tag("share/web") == "data/share/web" and dashboard_tag("text_tokens/web") == "data/tokens/web"
+    assert dashboard_tag("val_loss/web") == "eval/loss/web" and dashboard_tag("val_loss") == "eval/loss"
+
+
+def mixture_config(folders_or_paths, out_dir, name="mix", **sections):
+    """The tiny run config of conftest with ``data.sources`` in place of ``data.path``."""
+    raw = make_tiny_config(".", out_dir, name).to_dict()
+    raw["data"] = {"sources": folders_or_paths}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return config_from_dict(raw)
+
+
+@pytest.mark.parametrize("sources_,message", [
+    ([{"path": "a", "weight": 0}], "data.sources[0].weight: must be a finite number > 0, got 0"),
+    ([{"path": "a", "weight": -1.5}], "must be a finite number > 0, got -1.5"),
+    ([{"path": "a", "weight": math.nan}], "must be a finite number > 0, got nan"),
+    ([{"path": "a"}], "data.sources[0].weight: must be a finite number > 0, got None"),
+    ([{"path": "x/a", "weight": 1}, {"path": "y/a", "weight": 1}], "names ['a', 'a'] repeat"),
+    ([{"path": "a", "weight": 1, "share": 2}], "unknown config key data.sources[0].share"),
+    (["a"], "data.sources[0]: expected a table"),
+])
+def test_bad_sources_are_one_line_errors(tmp_path, sources_, message):
+    with pytest.raises(SuperposeError) as e:
+        mixture_config(sources_, tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_path_and_sources_together_are_refused(tmp_path, capsys):
+    raw = make_tiny_config(".", tmp_path).to_dict()
+    raw["data"]["sources"] = [{"path": "a", "weight": 1}]
+    with pytest.raises(SuperposeError, match=r"data.sources and data.path exclude each other; give one of them \(in the config\)"):
+        config_from_dict(raw)
+    # an override's choice replaces the file's, as tst.schedule does tst.bag
+    del raw["data"]["sources"]
+    cfg = config_from_dict(raw, ["data.sources=[{path = 'a', weight = 1}]"])
+    assert cfg.data.mixture() == [("a", "a", 1)] and "path" not in cfg.to_dict()["data"]
+
+
+def test_missing_folder_and_foreign_vocabulary_write_nothing(folders, tmp_path, capsys):
+    foreign = write_dataset(tmp_path / "foreign", np.arange(1, 500), np.arange(1, 64), vocab=600)
+    for second, expected in ((tmp_path / "nowhere", "dataset not found"), (foreign, "does not match the shards")):
+        cfg = mixture_config([{"path": str(folders["web"]), "weight": 1}, {"path": str(second), "weight": 1}],
+                             tmp_path / "runs")
+        cfg_file = tmp_path / "mix.toml"
+        cfg_file.write_text(cfg.to_toml())
+        assert expected in run_error(capsys, ["train", str(cfg_file), "--quiet"])
+        assert not cfg.run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def second_corpus(embedded_data, tmp_path_factory):
+    """A different corpus tokenized with the embedded data's tokenizer, so the two can be mixed."""
+    src = tmp_path_factory.mktemp("poems") / "poems.jsonl"
+    lines = [f"poem {i}: " + " ".join(["the quiet river carries light", "over stones and ember"][i % 2] for _ in
+                                     range(20 + i % 7)) for i in range(120)]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+    return prepare([str(src)], tmp_path_factory.mktemp("poems-ds") / "poems", tokenizer=str(embedded_data / "tokenizer.json"),
+                   val_fraction=0.1, progress=False)
+
+
+def test_two_source_run_logs_shares_and_resumes_exactly(embedded_data, second_corpus, tmp_path):
+    """Two sources across the TST switch (step 6): per-source tokens and shares in every row (within one window of
+    their quota), per-source validation losses and their weighted mean, and a resume before the switch that
+    reproduces every row, the counts included."""
+    mix = [{"path": str(embedded_data), "weight": 0.7}, {"path": str(second_corpus), "weight": 0.3}]
+    cfg = mixture_config(mix, tmp_path / "runs", checkpoint={"every": 4, "keep": 3})
+    result = train(cfg, progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["bag"] for r in rows] == [4] * 6 + [1] * 6
+    longest = 4 * 17
+    for r in rows:
+        tokens = [r["text_tokens/embedded"], r["text_tokens/poems"]]
+        assert sum(tokens) == r["text_tokens"]
+        assert abs(tokens[0] - 0.7 * r["text_tokens"]) < longest and abs(r["windows/poems"] - 0.3 * 4 * r["step"]) < 1
+        assert r["share/embedded"] == tokens[0] / r["text_tokens"]
+        assert r["windows/embedded"] + r["windows/poems"] == 4 * r["step"]
+    for r in (r for r in rows if "val_loss" in r):
+        assert r["val_loss"] == pytest.approx(0.7 * r["val_loss/embedded"] + 0.3 * r["val_loss/poems"])
+    assert result.sources["poems"]["tokens"] == rows[-1]["text_tokens/poems"]
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert [s["name"] for s in info["sources"]] == ["embedded", "poems"]
+
+    cut = mixture_config(mix, tmp_path / "cut", checkpoint={"every": 4, "keep": 3})
+    shutil.copytree(result.run_dir, cut.run_dir)
+    for ckpt in list_checkpoints(cut.run_dir):
+        if ckpt.name > "step-0000004":
+            shutil.rmtree(ckpt)
+    resumed = train(cut, resume=True, progress=False)
+    drop = {"wall_time", "step_time", "tokens_per_s", "positions_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(resumed.run_dir / "metrics.jsonl")] \
+        == [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    assert resumed.sources == result.sources

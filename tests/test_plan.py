@@ -1,0 +1,307 @@
+"""Comparisons as cluster jobs: the plan (run configs, dependency graph, launchers), forks that start from the
+trunk's kept checkpoints, the report of whatever has finished, the paper's configs; and, end to end, a plan whose
+jobs run out of order in separate processes, one killed and rerun, reporting exactly what the in-process compare
+reports."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_config, run_error
+from superpose.cli import main
+from superpose.compare import IsoLoss, compare, iso_loss_partial, iso_loss_steps, variants_for, write_report
+from superpose.compare.plan import write_plan
+from superpose.errors import SuperposeError
+from superpose.train.config import load_config
+from superpose.train.faults import KILL_ENV
+from superpose.train.loop import CheckpointCadence
+
+PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
+SUPERPOSE = [sys.executable, "-m", "superpose"]
+
+
+def _plan(tmp_path, base, name="plan", **kw):
+    write_plan(tmp_path / name, base, variants_for(base, ("both",)), kw.pop("seeds", 1), kw.pop("family", (0.5, 1.0)),
+               **kw)
+    return tmp_path / name, json.loads((tmp_path / name / "plan.json").read_text())
+
+
+# ------------------------------------------------------------------ pure parts and the plan (nothing trained)
+
+
+def test_iso_loss_over_a_partly_finished_family():
+    lengths, losses = [100, 200, 400, 800], {100: 5.0, 200: 4.7, 400: 4.4, 800: 4.1}
+    assert iso_loss_partial(lengths, losses, 4.55) == iso_loss_steps(list(losses), list(losses.values()), 4.55)
+    del losses[200]
+    assert iso_loss_partial(lengths, losses, 4.55) == IsoLoss(100, ">")  # 200 could still cross first: a bound
+    assert iso_loss_partial(lengths, losses, 4.3).bound == ""  # 400 and 800 are neighbours: a number
+    assert iso_loss_partial(lengths, {100: 5.0}, 4.0) == IsoLoss(100, ">")  # below the only finished member
+    assert iso_loss_partial(lengths, {400: 4.4}, 4.9) == IsoLoss(400, "<")
+
+
+def test_kept_steps_are_checkpointed_and_never_pruned():
+    cadence = CheckpointCadence(every=4, switches={5}, total=12, keep_steps={3, 6})
+    assert [cadence.kind(s, stop=False) for s in range(1, 13)] == [
+        None, None, "keep", "periodic", "keep", "keep", None, "periodic", None, None, None, "keep"]
+
+
+def test_plan_writes_run_configs_a_graph_and_launchers(tiny_config, tmp_path):
+    base = tiny_config("cmp", train={"steps": 8})
+    folder, plan = _plan(tmp_path, base, seeds=2)
+    jobs = {j["id"]: j for j in plan["jobs"]}
+    assert list(jobs) == [f"seed-{s}/{n}" for s in (0, 1) for n in ("trunk", "baseline-4", "baseline-8", "s4-r0.5-T8")]
+    runs = folder / "runs" / "seed-0"
+    for job in plan["jobs"]:  # each an ordinary config, trained by the command plan.json names
+        cfg = load_config(job["config"])
+        assert job["command"] == f"superpose train {job['config']} --resume" and job["config"] in job["torchrun"]
+        assert cfg.run_dir == Path(job["run_dir"]) and cfg.train.steps == job["steps"]
+    trunk = load_config(jobs["seed-0/trunk"]["config"])
+    assert (trunk.train.steps, trunk.checkpoint.keep_steps, trunk.optim.decay_fraction) == (6, [3, 6], 0.0)
+    for steps, fork in ((4, 3), (8, 6)):
+        job = jobs[f"seed-0/baseline-{steps}"]
+        assert (job["after"], job["wait_step"]) == ("seed-0/trunk", fork)
+        assert job["fork_from"] == str(runs / "trunk" / "checkpoints" / f"step-{fork:07d}")
+        assert load_config(job["config"]).checkpoint.fork_from == job["fork_from"]
+    arm = load_config(jobs["seed-1/s4-r0.5-T8"]["config"])
+    assert (arm.seed, arm.tst.bag, arm.checkpoint.fork_from, jobs["seed-1/s4-r0.5-T8"]["after"]) == (1, 4, "", "")
+    for script in ("run_local.sh", "torchrun.sh", "slurm.sh", "jobs/seed-0/trunk/job.sbatch"):
+        subprocess.run(["bash", "-n", str(folder / script)], check=True)
+    with pytest.raises(SuperposeError, match="plan folder .* is not empty"):
+        _plan(tmp_path, base)
+
+
+def _fake(tmp_path, name, body):
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def test_slurm_script_submits_forks_after_their_trunk(tiny_config, tmp_path):
+    folder, plan = _plan(tmp_path, tiny_config("cmp", train={"steps": 8, "batch_size": 8}), gpus=4, nodes=2)
+    log = tmp_path / "sbatch.log"
+    _fake(tmp_path, "sbatch", f"""\
+        n=$(( $(wc -l < {log} 2>/dev/null || echo 0) + 101 ))
+        echo "$n $*" >> {log}
+        echo "$n;cluster"
+        """)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(folder / "slurm.sh"), "--partition=gpu"], check=True, env=env, capture_output=True)
+    calls = [line.split() for line in log.read_text().splitlines()]
+    submitted = {Path(c[-1]).parent.relative_to(folder / "jobs").as_posix(): c for c in calls}
+    trunk_id = submitted["seed-0/trunk"][0]
+    for job in plan["jobs"]:
+        call = submitted[job["id"]]
+        assert "--parsable" in call and "--partition=gpu" in call
+        assert [a for a in call if a.startswith("--dependency")] == (
+            [f"--dependency=afterok:{trunk_id}"] if job["after"] else [])
+    sbatch = (folder / "jobs" / "seed-0" / "baseline-8" / "job.sbatch").read_text()
+    for line in ("#SBATCH --signal=TERM@900", "#SBATCH --requeue", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4",
+                 "--shutdown-timeout 840", "--nproc_per_node 4", "scontrol requeue", "--resume"):
+        assert line in sbatch
+
+
+STUB = """\
+import json, sys, time, tomllib
+from pathlib import Path
+cfg = tomllib.loads(Path(sys.argv[2]).read_text())
+log = Path(sys.argv[0]).with_suffix(".log")
+def note(event):
+    with log.open("a") as f:
+        f.write(json.dumps([event, cfg["name"], time.time()]) + "\\n")
+source = cfg["checkpoint"]["fork_from"]
+if source and not (Path(source) / "state.json").is_file():
+    note("early")
+    sys.exit(2)
+note("start")
+run = Path(cfg["out_dir"]) / cfg["name"]
+for step in cfg["checkpoint"]["keep_steps"]:  # the trunk: its fork checkpoints appear while it runs
+    time.sleep(0.4)
+    if cfg["name"] == "trunk" and "FAIL" in str(log.parent):
+        sys.exit(1)
+    (run / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    (run / "checkpoints" / f"step-{step:07d}" / "state.json").write_text("{}")
+time.sleep(0.4)
+note("end")
+"""
+
+
+def _local(tmp_path, folder, *args):
+    stub = tmp_path / "stub.py"
+    stub.write_text(STUB)
+    env = {**os.environ, "SUPERPOSE": f"{sys.executable} {stub}"}
+    done = subprocess.run(["bash", str(folder / "run_local.sh"), *args], env=env, capture_output=True, text=True)
+    log = tmp_path / "stub.log"
+    return done, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _most_at_once(events):
+    live = most = 0
+    for kind, _, _ in sorted(events, key=lambda e: e[2]):
+        live += {"start": 1, "end": -1}.get(kind, 0)
+        most = max(most, live)
+    return most
+
+
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_run_local_respects_the_graph(tiny_config, tmp_path, at_once):
+    folder, _ = _plan(tmp_path, tiny_config("cmp", train={"steps": 8}))
+    done, events = _local(tmp_path, folder, "-j", str(at_once))
+    assert done.returncode == 0, done.stderr
+    assert "early" not in [e[0] for e in events]  # no fork started before its checkpoint existed
+    assert sorted(e[1] for e in events if e[0] == "end") == ["baseline-4", "baseline-8", "s4-r0.5-T8", "trunk"]
+    assert _most_at_once(events) == at_once
+    if at_once == 2:  # baseline-4 forks at step 3 and starts while the trunk still runs
+        start = {e[1]: e[2] for e in events if e[0] == "start"}
+        end = {e[1]: e[2] for e in events if e[0] == "end"}
+        assert start["baseline-4"] < end["trunk"] or start["s4-r0.5-T8"] < end["trunk"]
+
+
+def test_run_local_does_not_start_forks_of_a_failed_trunk(tiny_config, tmp_path):
+    failing = tmp_path / "FAIL"
+    failing.mkdir()
+    folder, _ = _plan(failing, tiny_config("cmp", train={"steps": 8}))
+    done, events = _local(failing, folder, "-j", "2")
+    assert done.returncode == 1
+    assert "seed-0/baseline-4: not started: seed-0/trunk ended without writing" in done.stderr
+    assert {e[1] for e in events if e[0] == "start"} == {"trunk", "s4-r0.5-T8"}
+
+
+def test_every_paper_config_plans(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the data need not exist to plan: each run checks it when it starts
+    files = sorted(PAPER.glob("*.toml"))
+    assert {f.stem for f in files} >= {"llama-270m", "llama-600m", "smollm3-3b", "qwen3-moe-10b-a1b", "ablation-270m",
+                                       "sweep-270m"}
+    for path in files:
+        section = tomllib.loads(path.read_text())["compare"]
+        command = "sweep" if "bags" in section else "compare"
+        assert main([command, str(path), "--plan", str(tmp_path / path.stem), "--quiet"]) == 0
+        plan = json.loads((tmp_path / path.stem / "plan.json").read_text())
+        assert (plan["gpus"], plan["nodes"], plan["family"]) == (section["gpus"], section["nodes"], section["family"])
+        labels = {v["label"] for v in plan["variants"]}
+        assert len(plan["jobs"]) == 1 + len(section["family"]) + len(labels)  # trunk, family, arms (one seed)
+    assert {v["label"] for v in json.loads((tmp_path / "smollm3-3b" / "plan.json").read_text())["variants"]} == {
+        "s6-r0.3"}
+    assert {v["label"] for v in json.loads((tmp_path / "qwen3-moe-10b-a1b" / "plan.json").read_text())["variants"]} == {
+        "s16-r0.25"}
+    assert len(json.loads((tmp_path / "sweep-270m" / "plan.json").read_text())["variants"]) == 12
+    ablation = json.loads((tmp_path / "ablation-270m" / "plan.json").read_text())
+    assert {v["tst"]["mode"] for v in ablation["variants"]} == {"both", "input", "output"}
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ("[compare]\nbags = [2, 4]\n", "compare.bags is for superpose sweep"),
+    ("[compare]\nseeds = 0\n", "compare.seeds: expected an integer >= 1"),
+    ("[compare]\nnodess = 2\n", "unknown config key compare.nodess"),
+])
+def test_bad_compare_section_is_one_line(tiny_config, tmp_path, capsys, section, fragment):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config("bad").to_toml() + section)
+    assert fragment in run_error(capsys, ["compare", str(cfg), "--plan", str(tmp_path / "plan")])
+    assert not (tmp_path / "plan").exists()
+
+
+def test_report_and_plan_refuse_bad_input_in_one_line(tiny_config, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config("cmp", train={"steps": 8}).to_toml())
+    assert "--out is required" in run_error(capsys, ["compare", str(cfg)])
+    assert "holds no plan.json" in run_error(capsys, ["compare", "--report", str(tmp_path)])
+    assert main(["compare", str(cfg), "--family", "0.5,1", "--plan", str(tmp_path / "plan")]) == 0
+    assert "give no CONFIG" in run_error(capsys, ["compare", str(cfg), "--report", str(tmp_path / "plan")])
+    assert "no baseline of the family has finished yet" in run_error(
+        capsys, ["compare", "--report", str(tmp_path / "plan")])
+    assert not (tmp_path / "plan" / "report").exists()
+
+
+def test_a_fork_started_before_its_source_is_one_line(tiny_config, tmp_path, capsys):
+    folder, plan = _plan(tmp_path, tiny_config("cmp", train={"steps": 8}))
+    fork = next(j for j in plan["jobs"] if j["id"] == "seed-0/baseline-8")
+    msg = run_error(capsys, ["train", fork["config"], "--resume", "--quiet"])
+    assert f"checkpoint.fork_from: {fork['fork_from']} does not exist yet" in msg
+    assert not Path(fork["run_dir"]).exists()
+
+
+# ------------------------------------------------------------------ end to end: out of order, killed, collected
+
+
+def _job(plan, job_id, **env):
+    """Start a planned job's own command in its own process."""
+    command = shlex.split(next(j for j in plan["jobs"] if j["id"] == job_id)["command"])
+    assert command[0] == "superpose"
+    return subprocess.Popen([*SUPERPOSE, *command[1:], "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(*procs):
+    return [(p.wait(), p.stderr.read()) for p in procs]
+
+
+def _numbers(report):
+    """report.json without what differs between two collections of the same runs: timing, provenance, paths."""
+    if isinstance(report, dict):
+        return {k: _numbers(v) for k, v in report.items()
+                if k not in ("provenance", "command", "runs", "run_dir") and "wall" not in k and "gpu_hours" not in k}
+    if isinstance(report, list):
+        return [_numbers(x) for x in report]
+    return report
+
+
+@pytest.mark.slow
+def test_planned_jobs_out_of_order_killed_and_rerun_report_what_compare_reports(embedded_data, tmp_path, capsys):
+    base = make_tiny_config(embedded_data, tmp_path / "unused", "cmp", train={"steps": 8})
+    folder, plan = _plan(tmp_path, base)
+    trunk, b4, b8, arm = "seed-0/trunk", "seed-0/baseline-4", "seed-0/baseline-8", "seed-0/s4-r0.5-T8"
+
+    (code, err), = _finish(_job(plan, b8))  # a fork before its trunk: refused in one line, nothing written
+    assert code == 2 and "trunk/checkpoints/step-0000006 does not exist yet" in err
+    # the arm and the trunk at once; the trunk SIGKILLed after step 5 (kept step 3, periodic step 4)
+    (arm_code, _), (trunk_code, _) = _finish(_job(plan, arm), _job(plan, trunk, **{KILL_ENV: "step:5"}))
+    assert (arm_code, trunk_code) == (0, -signal.SIGKILL)
+    checkpoints = folder / "runs" / "seed-0" / "trunk" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000003", "step-0000004"]
+
+    # the short baseline forks from the kept step 3 while the killed trunk is rerun: it resumes at step 4
+    (b4_code, _), (rerun_code, _) = _finish(_job(plan, b4), _job(plan, trunk))
+    assert (b4_code, rerun_code) == (0, 0)
+    assert main(["compare", "--report", str(folder), "--quiet"]) == 0  # baseline-8 not started: bounds, marked
+    partial = json.loads((folder / "report" / "report.json").read_text())
+    assert {s["run"]: s["state"] for s in partial["status"]}[b8] == "not started"
+    assert partial["arms"][0]["bound"] in (">", "<") and partial["family"]["0"][0]["steps"] == 4
+    assert "## Not finished yet" in (folder / "report" / "report.md").read_text()
+
+    (code, _), = _finish(_job(plan, b8))
+    assert code == 0
+    out = tmp_path / "collected"
+    assert main(["compare", "--report", str(folder), "--out", str(out), "--quiet"]) == 0
+    in_process = compare(base, variants_for(base, ("both",)), family=(0.5, 1.0), runs=tmp_path / "in-process",
+                         progress=False)
+    write_report(in_process, tmp_path / "reference", json.loads((out / "report.json").read_text())["title"], "x")
+    collected = json.loads((out / "report.json").read_text())
+    reference = json.loads((tmp_path / "reference" / "report.json").read_text())
+    assert all(s["state"] == "finished" for s in collected["status"])
+    assert _numbers(collected) == _numbers(reference)
+    assert collected["arms"][0]["gpu_hours"] > 0 and collected["family"]["0"][1]["gpu_hours"] > 0
+    assert "GPU-hours speedup" in (out / "report.md").read_text()
+    capsys.readouterr()
+
+
+def test_a_sweep_collected_early_marks_its_running_cells(tmp_path):
+    from types import SimpleNamespace
+
+    from superpose.compare import sweep_extras
+
+    cell = {"label": "s2-r0.2", "final_val_loss_mean": 4.5, "speedup_text": "> 1.50x", "speedup_mean": 1.5}
+    early = SimpleNamespace(summaries=[cell], extra={"grid": {"bags": [2, 4], "ratios": [0.2],
+                                                              "labels": [["s2-r0.2"], ["s4-r0.2"]]}})
+    md, plots = sweep_extras(early, tmp_path)
+    assert "| 2 | 4.5000 / > 1.50x |" in md and "| 4 | running |" in md
+    assert plots == [] and not (tmp_path / "sweep_heatmap.png").exists()  # the heatmap waits for every cell
