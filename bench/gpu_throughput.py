@@ -99,7 +99,7 @@ def main() -> int:
     total, active = parameter_counts(module.model)
     report = {
         "command": shlex.join(["python", *sys.argv]), **provenance(), **gpu_environment(),
-        "config": str(args.config), "preset": cfg.model.preset, "layers": module.model.config.num_hidden_layers,
+        "config": str(args.config), "model": cfg.model.describe(), "layers": module.model.config.num_hidden_layers,
         "parameters": total, "active_parameters": active, "batch_size": cfg.train.batch_size,
         "micro_batch_size": micro, "seq_len": cfg.train.seq_len, "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing, "loss_chunk": cfg.train.loss_chunk,

@@ -60,7 +60,7 @@ def _header(comparison: Comparison, title: str, command: str, made: dict[str, An
             f"Made {made['date']} with superpose {v['superpose']}"
             f"{' (' + made['commit'] + ')' if made['commit'] else ''}, torch {v['torch']}, transformers "
             f"{v['transformers']} on {machine}.", "",
-            f"Model `{s['preset']}`{' ' + str(s['overrides']) if s['overrides'] else ''}: "
+            f"Model `{s['model']}`{' ' + str(s['overrides']) if s['overrides'] else ''}: "
             f"{s['parameters']:,} parameters "
             f"(vocab {s['vocab_size']}), batch {s['batch_size']} x {s['seq_len']} positions, {s['steps']} steps, "
             f"{s['lr_schedule']} LR {s['lr']:g} (warmup {s['warmup_steps']}, decay {s['decay_fraction']:g}), "

@@ -408,7 +408,7 @@ def _setup(base: RunConfig, run_dir: Path, arms: Sequence[Arm]) -> dict[str, Any
     phase1 = [a for a in arms if a.overhead_flops]
     overhead = max((a.overhead_flops / a.flops for a in phase1), default=0.0)
     return {
-        "preset": base.model.preset, "overrides": base.model.overrides, "parameters": info["parameters"],
+        "model": base.model.describe(), "overrides": base.model.overrides, "parameters": info["parameters"],
         "active_parameters": info["active_parameters"], "vocab_size": info["vocab_size"], "device": info["device"],
         "batch_size": base.train.batch_size, "seq_len": base.train.seq_len, "steps": base.train.steps,
         "flops_per_step": info["flops_per_step"], "lr": base.optim.lr, "lr_schedule": base.optim.lr_schedule,

@@ -130,10 +130,7 @@ def prepare(
                     iter_id_documents(s, ids_column=ids_column, vocab_size=vocab_size_of(tok), eos=eos_id(tok),
                                       hf_config=hf_config, hf_split=hf_split) for s in sources)
             else:
-                docs = itertools.chain.from_iterable(
-                    iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
-                                   encoding=encoding, errors=errors, skipped=skipped) for s in sources)
-                docs = limit_bytes(docs, max_bytes) if max_bytes is not None else docs
+                docs = _text_documents(sources, text_field, hf_config, hf_split, encoding, errors, skipped, max_bytes)
             count, tok, note = _read(work, docs, tok, vocab_size, progress, lambda: _skipped_note(skipped))
             if note:
                 say(note)
@@ -151,14 +148,28 @@ def prepare(
         except SuperposeError:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        shutil.rmtree(work / PARTS)
-        for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ".lock"):
-            (work / name).unlink(missing_ok=True)
+        _drop_work_files(work)
         commit_dir(work, out)
     for name, split in splits.items():
         size = f"{split['bytes']:,} bytes" if split["bytes"] is not None else "pre-tokenized"
         say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {size}")
     return out
+
+
+def _text_documents(sources: list[str], text_field: str, hf_config: str | None, hf_split: str, encoding: str,
+                    errors: str, skipped: Skipped, max_bytes: int | None) -> Iterable[str]:
+    """Every source's documents in reading order, cut at ``max_bytes`` of text."""
+    docs = itertools.chain.from_iterable(
+        iter_documents(s, text_field=text_field, hf_config=hf_config, hf_split=hf_split, encoding=encoding,
+                       errors=errors, skipped=skipped) for s in sources)
+    return limit_bytes(docs, max_bytes) if max_bytes is not None else docs
+
+
+def _drop_work_files(work: Path) -> None:
+    """Leave only the shards and meta.json in the work folder, which then becomes the output."""
+    shutil.rmtree(work / PARTS)
+    for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ".lock"):
+        (work / name).unlink(missing_ok=True)
 
 
 def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int, val_fraction: float,
