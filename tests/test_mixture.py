@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +250,28 @@ def test_two_source_run_logs_shares_and_resumes_exactly(embedded_data, second_co
     assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(resumed.run_dir / "metrics.jsonl")] \
         == [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert resumed.sources == result.sources
+
+
+@pytest.mark.slow
+def test_two_source_run_on_two_ranks_matches_one_process(embedded_data, second_corpus, tmp_path):
+    """Under torchrun (2 gloo ranks, FSDP2) every rank reads its rows of the same mixed global batch: the losses,
+    the per-source counts and the per-source validation losses equal a one-process run's."""
+    mix = [{"path": str(embedded_data), "weight": 0.7}, {"path": str(second_corpus), "weight": 0.3}]
+    one = train(mixture_config(mix, tmp_path / "one"), progress=False)
+    two = mixture_config(mix, tmp_path / "two", train={"parallel": "fsdp"})
+    path = tmp_path / "two.toml"
+    path.write_text(two.to_toml())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "superpose", "train", str(path), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = (read_metrics(run / "metrics.jsonl") for run in (two.run_dir, one.run_dir))
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    counts = ("text_tokens", "windows/", "share/", "epoch", "bag")
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        assert {k: v for k, v in g.items() if k.startswith(counts)} == {k: v for k, v in w.items()
+                                                                         if k.startswith(counts)}
+        for key in (k for k in w if "loss" in k):  # train_loss, val_loss and val_loss/<source>
+            assert g[key] == pytest.approx(w[key], abs=1e-5), (g["step"], key)
