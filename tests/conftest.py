@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,14 @@ def run_error(capsys, argv):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("superpose: error: ")
     return lines[0]
+
+
+def torchrun(config_path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``superpose train CONFIG --quiet ARGS`` on ``nproc`` gloo ranks under torchrun; fails the test on a non-zero
+    exit (with the end of its stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "superpose", "train", str(config_path), "--quiet", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_config
+from conftest import make_tiny_config, torchrun
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
@@ -30,15 +30,6 @@ from superpose.train.metrics import read_metrics
 from superpose.train.step import StepInterrupted, TrainModule
 
 pytestmark = pytest.mark.slow
-
-
-def torchrun(config_path, *args, nproc=2):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "superpose", "train", str(config_path), "--quiet", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def rows(run_dir):

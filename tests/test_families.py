@@ -6,17 +6,14 @@ input path cannot drive are refused in one line before anything is written.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import run_error
+from conftest import run_error, torchrun
 from superpose.data.tokenizer import train_tokenizer
 from superpose.errors import SuperposeError
 from superpose.export import export
@@ -218,22 +215,19 @@ def test_init_from_refuses_another_tokenizer_or_vocabulary(exported, tiny_config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
-def test_init_from_under_fsdp2_matches_one_process(family, tiny_config, tmp_path):
-    """Two gloo ranks shard the model (blocks found by class; Gemma's buffers and gains set on shards) and copy
-    their shards of an export's weights: the losses are one process's."""
+@pytest.mark.parametrize("family, parallel", [("gpt2", "fsdp"), ("gemma3_text", "fsdp"), ("gpt2", "ddp")])
+def test_init_from_on_two_ranks_matches_one_process(family, parallel, tiny_config, tmp_path):
+    """Two gloo ranks start from an export's weights: under FSDP2 each copies its shard (blocks found by class;
+    Gemma's buffers and gains set on shards), under DDP each loads them whole. The losses are one process's."""
     path = write_config(tmp_path / family, family, **FAMILIES[family])
     source = train(family_run(tiny_config, {"config": str(path)}, name="source"), progress=False).run_dir
     exported = export(source, tmp_path / "export")
     one = train(family_run(tiny_config, {"init_from": str(exported)}, name="one"), progress=False).run_dir
     two = family_run(tiny_config, {"init_from": str(exported)}, name="two")
+    two.train.parallel = parallel
     (tmp_path / "two.toml").write_text(two.to_toml())
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "superpose", "train", str(tmp_path / "two.toml"), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((two.run_dir / "run.json").read_text())["parallel"] == "fsdp"
+    torchrun(tmp_path / "two.toml")
+    assert json.loads((two.run_dir / "run.json").read_text())["parallel"] == parallel
     for a, b in zip(read_metrics(one / "metrics.jsonl"), read_metrics(two.run_dir / "metrics.jsonl"), strict=True):
         assert (a["step"], a["bag"]) == (b["step"], b["bag"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from superpose.train.config import config_from_dict
 from superpose.train.loop import train
 from superpose.train.metrics import dashboard_tag, read_metrics
 
-from conftest import make_tiny_config, run_error
+from conftest import make_tiny_config, run_error, torchrun
 
 VOCAB = 4000
 # Source k's train tokens are BASE[k] + position, so a window names its source and its place by its values.
@@ -261,11 +258,7 @@ def test_two_source_run_on_two_ranks_matches_one_process(embedded_data, second_c
     two = mixture_config(mix, tmp_path / "two", train={"parallel": "fsdp"})
     path = tmp_path / "two.toml"
     path.write_text(two.to_toml())
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "superpose", "train", str(path), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(path)
     got, want = (read_metrics(run / "metrics.jsonl") for run in (two.run_dir, one.run_dir))
     assert [r["step"] for r in got] == [r["step"] for r in want]
     counts = ("text_tokens", "windows/", "share/", "epoch", "bag")
