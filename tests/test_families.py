@@ -209,6 +209,11 @@ def test_init_from_refuses_another_tokenizer_or_vocabulary(exported, tiny_config
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
     with pytest.raises(SuperposeError, match="must be equal"):
         train(cfg, progress=False)
+    # weights that do not fit the config: the one line names the weight and both shapes, and no run folder is left
+    (other / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
+    with pytest.raises(SuperposeError, match=r"layers\.0\.mlp\.\w+_proj\.weight is \[\d+, \d+\] in "
+                                             r"model\.safetensors but \[\d+, \d+\] for its config\.json"):
+        train(cfg, progress=False)
     with pytest.raises(SuperposeError, match="model.preset and model.init_from exclude each other"):
         ModelConfig(preset="tiny", init_from=str(other)).validate()
     assert not cfg.run_dir.exists()

@@ -22,6 +22,24 @@ def test_a_second_writer_is_refused_and_the_first_keeps_its_folder(tiny_config):
     assert train(cfg, progress=False).steps == 4  # released with its holder: no stale lock
 
 
+def test_a_start_that_fails_before_writing_leaves_no_run_folder(tiny_config, monkeypatch):
+    """Setup failing after the lock (e.g. init_from weights that do not fit) removes the folder the lock made; a
+    folder that existed before is kept."""
+
+    def refuse(*args, **kwargs):
+        raise SuperposeError("setup failed")
+
+    monkeypatch.setattr("superpose.train.loop.Trainer", refuse)
+    cfg = tiny_config(train={"steps": 4})
+    with pytest.raises(SuperposeError, match="setup failed"):
+        train(cfg, progress=False)
+    assert not cfg.run_dir.exists() and cfg.run_dir.parent.is_dir()
+    cfg.run_dir.mkdir()
+    with pytest.raises(SuperposeError, match="setup failed"):
+        train(cfg, progress=False)
+    assert cfg.run_dir.is_dir()
+
+
 def test_resume_without_a_checkpoint_starts_the_run(tiny_config, capsys):
     cfg = tiny_config(train={"steps": 4}, checkpoint={"every": 0})
     result = train(cfg, resume=True, progress=False)

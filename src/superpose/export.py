@@ -29,7 +29,7 @@ from transformers import (
 from .data.tokenizer import eos_id, load_tokenizer
 from .errors import SuperposeError
 from .files import atomic_dir, first_line, require_empty
-from .models import build_model, model_config
+from .models import build_model, model_config, quiet_transformers
 from .train.checkpoint import load_checkpoint, resolve_checkpoint
 
 if sys.version_info >= (3, 11):
@@ -162,7 +162,7 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out: str
     out = Path(out)
     require_empty(out, "export target")
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _portable(tmp, model.config)

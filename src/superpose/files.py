@@ -121,17 +121,20 @@ class FolderLock:
     """An exclusive lock on a folder for as long as one process writes it (``fcntl.flock`` on ``.lock``).
 
     The kernel releases it when the process exits in any way, so a crash leaves no stale lock behind; a second
-    writer is refused in one line instead of interleaving its files with the first one's.
+    writer is refused in one line instead of interleaving its files with the first one's. A folder the lock created
+    is removed again when the work inside fails before writing anything, so a refused start leaves no trace.
     """
 
     def __init__(self, folder: Path, what: str) -> None:
         self.path = Path(folder) / ".lock"
         self.what = what
         self._file = None
+        self._created = False
 
     def __enter__(self) -> "FolderLock":
         import fcntl
 
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")
         try:
@@ -142,5 +145,14 @@ class FolderLock:
                                  f"finish or choose another name") from None
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and self._created and self._only_lock_left():
+            self.path.unlink()  # still locked: no other writer can have come in
+            self._file.close()
+            self.path.parent.rmdir()
+            return
         self._file.close()  # closing releases the lock
+
+    def _only_lock_left(self) -> bool:
+        folder = self.path.parent
+        return folder.is_dir() and [p.name for p in folder.iterdir()] == [self.path.name]

@@ -15,14 +15,17 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import logging
 import math
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import (
@@ -388,7 +391,8 @@ def _load_config(source: str, key: str) -> PretrainedConfig:
     if path.is_dir() and not (path / "config.json").is_file():
         raise SuperposeError(f"{key}: {source} holds no config.json")
     try:
-        return AutoConfig.from_pretrained(str(path) if path.exists() else source)
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(path) if path.exists() else source)
     except Exception as e:  # transformers reports a bad file, an unknown model_type or a hub failure many ways
         raise SuperposeError(f"{key}: cannot read a transformers config from {source}: {first_line(e)}") from None
 
@@ -477,26 +481,60 @@ def pretrained_config(folder: str, vocab_size: int, overrides: dict[str, object]
     return config
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars, load reports or hub retry logs from transformers while it loads or saves for us: our own
+    progress and one-line errors say what matters."""
+    shown, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hub = logging.getLogger("huggingface_hub")
+    hub_level = hub.level
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(hub_level)
+        hf_logging.set_verbosity(level)
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def read_pretrained(folder: str, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     """Every weight of a transformers model folder, in float32 on the CPU, for a model built from ``config``.
 
     ``from_pretrained`` reads it, so sharded safetensors and the checkpoint layouts transformers converts on load
     work as they do there; weights the folder lacks for ``config``, or has in another shape, are a one-line error.
     """
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the trainer reports progress itself
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), config=copy.deepcopy(config),
-                                                           dtype=torch.float32, output_loading_info=True)
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), dtype=torch.float32,
+                                                               config=copy.deepcopy(config), output_loading_info=True)
     except Exception as e:  # safetensors, torch and transformers each report damage and mismatches their own way
-        raise SuperposeError(f"model.init_from: cannot load the weights in {folder}: {first_line(e)}") from None
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+        problem = _shape_mismatch(Path(folder).expanduser(), config) or first_line(e)
+        raise SuperposeError(f"model.init_from: cannot load the weights in {folder}: {problem}") from None
     missing = sorted(info["missing_keys"])  # weights of another shape raise above
     if missing:
         raise SuperposeError(f"model.init_from: {folder} lacks weights the model needs: {', '.join(missing[:3])}")
     return model.state_dict()
+
+
+def _shape_mismatch(folder: Path, config: PretrainedConfig) -> str | None:
+    """The first weight whose shape in the folder's safetensors differs from the model ``config`` builds (transformers
+    reports it in a table above its error, which the one-line error would otherwise lose)."""
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(copy.deepcopy(config)).state_dict()
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                for name in weights.keys():
+                    shape = list(weights.get_slice(name).get_shape())
+                    if name in expected and shape != list(expected[name].shape):
+                        return (f"{name} is {shape} in {file.name} but {list(expected[name].shape)} for its "
+                                f"config.json")
+        except (OSError, SafetensorError):
+            return None
+    return None
 
 
 def check_trainable(model: PreTrainedModel) -> None:
