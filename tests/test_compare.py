@@ -33,7 +33,7 @@ from superpose.compare.isoloss import at_steps, family_lengths
 from superpose.compare.plan import SECTION_DEFAULTS
 from superpose.compare.runs import BASELINE_TST, check_warmup_fits, derive
 from superpose.errors import SuperposeError
-from superpose.train.config import TSTConfig
+from superpose.train.config import TSTConfig, load_config
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 
@@ -271,6 +271,27 @@ def test_compare_reuses_finished_runs_and_refuses_foreign_ones(tiny_compare):
     other = derive(base, optim={"lr": 1e-3})
     with pytest.raises(SuperposeError, match="different config"):
         compare(other, variants_for(other, ("both",)), family=(0.5, 1.0), runs=runs, progress=False)
+
+
+@pytest.mark.slow
+def test_a_longer_comparison_extends_the_shared_trunk(tiny_config, tmp_path):
+    """Comparisons of different lengths share one runs folder: the second extends the first's constant-LR trunk (the
+    kept fork steps of both) and reuses the baseline they share, with the numbers of a comparison run alone."""
+    short, longer = tiny_config("cmp", train={"steps": 8}), tiny_config("cmp", train={"steps": 16})
+    shared = tmp_path / "shared"
+    compare(short, variants_for(short, ("both",)), family=(0.5, 1.0), runs=shared, progress=False)
+    member = shared / f"seed-{short.seed}" / "baseline-8" / "metrics.jsonl"
+    stamp = member.stat().st_mtime_ns
+    extended = compare(longer, variants_for(longer, ("both",)), family=(0.5, 1.0), runs=shared, progress=False)
+    alone = compare(longer, variants_for(longer, ("both",)), family=(0.5, 1.0), runs=tmp_path / "alone",
+                    progress=False)
+    assert member.stat().st_mtime_ns == stamp  # baseline-8 reused, not retrained
+    trunk = load_config(shared / f"seed-{short.seed}" / "trunk" / "config.toml")
+    assert trunk.checkpoint.keep_steps == [3, 6, 13]  # both comparisons' fork steps
+    assert [(m.steps, m.fork, m.final_val_loss) for m in extended.family[short.seed]] == \
+        [(m.steps, m.fork, m.final_val_loss) for m in alone.family[short.seed]]
+    assert (extended.arms[0].final_val_loss, extended.arms[0].speedup) == \
+        (alone.arms[0].final_val_loss, alone.arms[0].speedup)
 
 
 @pytest.mark.slow

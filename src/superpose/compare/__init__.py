@@ -13,8 +13,9 @@ is forked from one constant-LR *trunk* at its decay start ``T_k - decay_k`` and 
 trunk's checkpoint exactly: model, optimizer, loader position, counters). A cosine LR has no shared prefix, so its
 members are trained from scratch.
 
-Runs live in ``RUNS/seed-N/NAME``; a finished run whose config matches is reused, an interrupted one continued, so
-comparisons that share a runs folder (a sweep, a trend study) train each baseline once.
+Runs live in ``RUNS/seed-N/NAME``; a finished run whose config matches is reused, an interrupted one continued, and
+a trunk is extended to the fork steps a longer comparison needs, so comparisons that share a runs folder (a sweep, a
+trend study over run lengths) train each baseline and the trunk's steps once.
 
 Modules: ``isoloss`` (the arithmetic: pure, no files, no torch), ``runs`` (the family and the arms as jobs, through
 the trainer's public API), ``report`` (Markdown, JSON, plots), ``grid`` (the sweep over a bag x ratio grid), ``plan``

@@ -8,7 +8,6 @@ metrics rows) and reads each arm's speedup off its seed's family with the arithm
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -18,8 +17,8 @@ from ..data.mixture import open_sources
 from ..errors import SuperposeError
 from ..flops import superpose_overhead_flops
 from ..schedule import wsd_decay_start
-from ..train.checkpoint import checkpoint_name
-from ..train.config import RunConfig, config_from_dict
+from ..train.checkpoint import checkpoint_name, checkpoint_step, list_checkpoints
+from ..train.config import RunConfig, config_from_dict, load_config
 from ..train.loop import train
 from ..train.metrics import read_metrics
 from .isoloss import (
@@ -112,11 +111,39 @@ def check_warmup_fits(base: RunConfig, multiples: Sequence[float]) -> None:
                 f"drop {multiple:g} from --family, raise train.steps or lower optim.warmup_steps")
 
 
-def _same_run(cfg: RunConfig) -> None:
-    """Refuse to reuse a run folder whose run was made with a different config."""
-    saved = config_from_dict(tomllib.loads((cfg.run_dir / "config.toml").read_text())).to_dict()
-    if saved != cfg.to_dict():
+def _saved(cfg: RunConfig) -> RunConfig:
+    return load_config(cfg.run_dir / "config.toml")
+
+
+def _same_run(cfg: RunConfig, trunk: bool = False) -> None:
+    """Refuse to reuse a run folder whose run was made with a different config. A trunk may differ in its length and
+    kept steps: its constant LR does not depend on them, so one trunk serves comparisons of every length."""
+    saved, mine = _saved(cfg).to_dict(), cfg.to_dict()
+    if trunk:
+        for config in (saved, mine):
+            config["train"]["steps"], config["checkpoint"]["keep_steps"] = 0, []
+    if saved != mine:
         raise SuperposeError(f"{cfg.run_dir} holds a run with a different config; use another --out or --runs folder")
+
+
+def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
+    """Train the trunk until it holds a kept checkpoint at every fork step of ``cfg``. A trunk that another
+    comparison (another length) started is extended, its kept steps and ours together, not trained again; one that
+    passed a fork step of ours without a checkpoint there cannot serve, and is refused."""
+    if (cfg.run_dir / "config.toml").exists():
+        _same_run(cfg, trunk=True)
+        have = {checkpoint_step(path) for path in list_checkpoints(cfg.run_dir)}
+        missed = [step for step in cfg.checkpoint.keep_steps if step < max(have, default=0) and step not in have]
+        if missed:
+            raise SuperposeError(f"{cfg.run_dir} passed step {missed[0]} without a checkpoint to fork from; use "
+                                 f"another --runs folder")
+        if have.issuperset(cfg.checkpoint.keep_steps):
+            return
+        saved = _saved(cfg)
+        cfg = derive(cfg, train={"steps": max(cfg.train.steps, saved.train.steps)},
+                     checkpoint={"keep_steps": sorted({*cfg.checkpoint.keep_steps, *saved.checkpoint.keep_steps})})
+    if train(cfg, resume=True, progress=progress).stopped:
+        raise KeyboardInterrupt
 
 
 def _read_rows(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -169,8 +196,8 @@ def family_jobs(base: RunConfig, lengths: Sequence[int], runs: Path) -> list[Job
     """The baselines of the given lengths for ``base.seed`` and, for a WSD LR, the constant-LR trunk they fork from.
 
     The trunk trains straight to the last fork step and keeps its checkpoint at every fork step
-    (``checkpoint.keep_steps``); each baseline starts from the one at its decay start (``checkpoint.fork_from``),
-    so a comparison's runs can share a runs folder only when they plan the same family.
+    (``checkpoint.keep_steps``); each baseline starts from the one at its decay start (``checkpoint.fork_from``).
+    In this process a trunk another comparison left in the runs folder is extended (:func:`_ensure_trunk`).
     """
     forks = {steps: fork_step(base, steps) for steps in lengths}
     keep = sorted({f for f in forks.values() if f > 0})
@@ -353,7 +380,7 @@ def compare(base: RunConfig, variants: Sequence[Variant], seeds: int = 1, family
     check_data(base)
     runs = Path(runs or base.run_dir)
     for job in plan_jobs(base, variants, seeds, family, runs):
-        _ensure_run(job.cfg, progress)
+        (_ensure_trunk if job.kind == "trunk" else _ensure_run)(job.cfg, progress)
     return collect(base, variants, seeds, family, runs)
 
 
@@ -370,10 +397,11 @@ def collect(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Se
     finished: dict[str, list[dict[str, Any]]] = {}
     status = []
     for job in jobs:
+        trunk = job.kind == "trunk"
         if (job.cfg.run_dir / "config.toml").exists():
-            _same_run(job.cfg)
+            _same_run(job.cfg, trunk)
         rows = _read_rows(job.cfg)
-        done = _finished(job.cfg, rows)
+        done = bool(rows) and rows[-1]["step"] >= job.cfg.train.steps if trunk else _finished(job.cfg, rows)
         if done:
             finished[job.id] = rows
         elif not partial:

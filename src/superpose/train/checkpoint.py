@@ -48,6 +48,11 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder, read from its name (see :func:`checkpoint_name`)."""
+    return int(Path(path).name[len(PREFIX):])
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
     folder = Path(run_dir) / "checkpoints"
