@@ -10,7 +10,6 @@ import torch
 from superpose.errors import SuperposeError
 from superpose.models import (
     PRESETS,
-    _row_blocks,
     build_model,
     custom_config,
     describe_presets,
@@ -22,6 +21,7 @@ from superpose.models import (
     router_aux_loss,
     use_causal_sdpa,
 )
+from superpose.models.build import _row_blocks
 
 TINY = ["tiny", "tiny-qwen3", "tiny-moe"]
 
