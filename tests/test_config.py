@@ -54,6 +54,9 @@ def test_an_overrides_choice_replaces_the_files_in_every_section():
                                   "model.config=cfg.json"])
     assert (cfg.tst.schedule, cfg.data.mixture(), cfg.model.preset, cfg.model.config) == (
         [[10, 4], [1.0, 1]], [("b", "b", 1)], "", "cfg.json")
+    back = config_from_dict({"tst": {"schedule": [[10, 4], [1.0, 1]]}, "data": {"sources": [{"path": "b", "weight": 1}]}},
+                            ["tst.bag=8", "data.path=a"])  # and the other way round (compare --bag over a schedule)
+    assert (back.tst.schedule, back.tst.bag, back.data.mixture()) == ([], 8, [("a", "a", 1.0)])
     with pytest.raises(SuperposeError, match=r"model.preset and model.config exclude each other.*\(in the config\)"):
         config_from_dict({"model": {"preset": "tiny", "config": "cfg.json"}})
 

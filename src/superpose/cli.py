@@ -137,9 +137,9 @@ def _compare(args: argparse.Namespace) -> int:
         return _report(args)
     if args.schedule and (args.bag is not None or args.ratio is not None):
         raise SuperposeError("--schedule replaces --bag/--ratio; give one or the other")
+    # an override's choice of schedule or bag/ratio replaces the config file's (train.config.config_from_dict)
     tst = [f"tst.schedule={args.schedule}"] if args.schedule else []
-    tst += [f"tst.bag={args.bag}", "tst.schedule=[]"] if args.bag is not None else []
-    tst += [f"tst.ratio={args.ratio}", "tst.schedule=[]"] if args.ratio is not None else []
+    tst += [f"tst.{key}={value}" for key, value in (("bag", args.bag), ("ratio", args.ratio)) if value is not None]
     base = _comparison_config(args, tst)
     variants = variants_for(base, args.ablation)
     if args.plan:

@@ -28,7 +28,7 @@ from transformers import (
 
 from .data.tokenizer import eos_id, load_tokenizer
 from .errors import SuperposeError
-from .files import atomic_dir, first_line, require_empty
+from .files import atomic_dir, first_line, read_json_object, require_empty
 from .models import build_model, model_config, quiet_transformers
 from .train.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -50,29 +50,18 @@ def hf_tokenizer(tokenizer: Tokenizer, max_length: int | None) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, **limit)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a truncated or foreign file is a one-line error naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SuperposeError(f"{path} is corrupt: {first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise SuperposeError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def run_model_config(checkpoint: Path, run_dir: Path) -> PretrainedConfig:
     """The transformers config a run trained: the checkpoint's or the run's ``config.json``, else (runs written
     before training saved it) the preset and vocabulary of ``run.json`` with the shape overrides of ``config.toml``."""
     for folder in (checkpoint, run_dir):
         if (folder / "config.json").is_file():
-            _read_json(folder / "config.json")  # a truncated file names itself, not a transformers internal
+            read_json_object(folder / "config.json")  # a truncated file names itself, not a transformers internal
             try:
                 return AutoConfig.from_pretrained(folder)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise SuperposeError(f"{folder / 'config.json'} is not a transformers config: "
                                      f"{first_line(e)}") from None
-    info = _read_json(run_dir / "run.json")
+    info = read_json_object(run_dir / "run.json")
     if not isinstance(info.get("preset"), str) or not isinstance(info.get("vocab_size"), int):
         raise SuperposeError(f"{run_dir / 'run.json'} is corrupt: it lacks preset and vocab_size")
     overrides: dict[str, Any] = {}
@@ -93,7 +82,7 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-NNNNNNN
     if not (run_dir / "run.json").is_file() or not (run_dir / "tokenizer.json").is_file():
         raise SuperposeError(f"{run_dir} is not a complete run folder (needs run.json and tokenizer.json)")
-    _read_json(run_dir / "run.json")  # the marker of a run: a damaged one is reported even when config.json exists
+    read_json_object(run_dir / "run.json")  # the marker of a run: a damaged one is reported even when config.json exists
     model = build_model(run_model_config(checkpoint, run_dir))
     load_checkpoint(checkpoint, model, None)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
@@ -115,7 +104,7 @@ def load_export(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]
     """An exported folder in eval mode; a damaged file (truncated weights, config or tokenizer) is one line."""
     for name in ("config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            _read_json(folder / name)
+            read_json_object(folder / name)
     # from_pretrained reports damage with many exception types (tokenizers raises a bare Exception), so any error
     # while loading is a damaged folder. The tokenizer goes first: it is cheap, and the model prints progress.
     try:
@@ -144,13 +133,13 @@ def _portable(out: Path, config: PretrainedConfig) -> None:
     4.x knows neither, so it would fail on the tokenizer and silently fall back to its default ``rope_theta``.
     """
     path = out / "tokenizer_config.json"
-    tokenizer_config = _read_json(path)
+    tokenizer_config = read_json_object(path)
     tokenizer_config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
     path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     rope = getattr(config, "rope_parameters", None)
     if isinstance(rope, dict) and "rope_theta" in rope:
         path = out / "config.json"
-        saved = _read_json(path)
+        saved = read_json_object(path)
         saved.setdefault("rope_theta", rope["rope_theta"])
         if rope.get("rope_type", "default") != "default":
             saved.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})

@@ -7,12 +7,14 @@ replaced in one ``os.replace``. A reader (or a process killed mid-write) sees th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import SuperposeError
 
@@ -34,6 +36,17 @@ def require_empty(path: Path, what: str) -> None:
     """Refuse, in one line, to write ``what`` into ``path`` when it already holds something."""
     if is_nonempty(path):
         raise SuperposeError(f"{what} {path} exists and is not empty")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a truncated or foreign file is a one-line error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SuperposeError(f"{path} is corrupt: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise SuperposeError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_atomic(path: Path, text: str) -> None:

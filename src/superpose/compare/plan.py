@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SuperposeError
-from ..files import atomic_dir, require_empty
+from ..files import atomic_dir, read_json_object, require_empty
 from ..train.config import RunConfig, config_from_dict, read_toml
 from .isoloss import DEFAULT_FAMILY
 from .runs import Comparison, Job, Variant, check_comparison, collect, plan_jobs
@@ -227,11 +227,8 @@ def read_plan(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "plan.json"
     if not path.is_file():
         raise SuperposeError(f"{folder} holds no plan.json; write one with superpose compare CONFIG --plan {folder}")
-    try:
-        plan = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise SuperposeError(f"{path} is corrupt") from None
-    if not isinstance(plan, dict) or plan.get("version") != 1:
+    plan = read_json_object(path)
+    if plan.get("version") != 1:
         raise SuperposeError(f"{path} is not a superpose plan (version 1)")
     return plan
 

@@ -7,7 +7,6 @@ metrics rows) and reads each arm's speedup off its seed's family with the arithm
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..data.loader import validation_windows
 from ..data.mixture import open_sources
 from ..errors import SuperposeError
+from ..files import read_json_object
 from ..flops import superpose_overhead_flops
 from ..schedule import wsd_decay_start
 from ..train.checkpoint import checkpoint_name, checkpoint_step, list_checkpoints
@@ -111,19 +111,18 @@ def check_warmup_fits(base: RunConfig, multiples: Sequence[float]) -> None:
                 f"drop {multiple:g} from --family, raise train.steps or lower optim.warmup_steps")
 
 
-def _saved(cfg: RunConfig) -> RunConfig:
-    return load_config(cfg.run_dir / "config.toml")
-
-
-def _same_run(cfg: RunConfig, trunk: bool = False) -> None:
-    """Refuse to reuse a run folder whose run was made with a different config. A trunk may differ in its length and
-    kept steps: its constant LR does not depend on them, so one trunk serves comparisons of every length."""
-    saved, mine = _saved(cfg).to_dict(), cfg.to_dict()
+def _same_run(cfg: RunConfig, trunk: bool = False) -> RunConfig:
+    """The config of the run in ``cfg``'s folder, refused when it was made with a different config. A trunk may
+    differ in its length and kept steps: its constant LR does not depend on them, so one trunk serves comparisons of
+    every length."""
+    saved = load_config(cfg.run_dir / "config.toml")
+    theirs, mine = saved.to_dict(), cfg.to_dict()
     if trunk:
-        for config in (saved, mine):
+        for config in (theirs, mine):
             config["train"]["steps"], config["checkpoint"]["keep_steps"] = 0, []
-    if saved != mine:
+    if theirs != mine:
         raise SuperposeError(f"{cfg.run_dir} holds a run with a different config; use another --out or --runs folder")
+    return saved
 
 
 def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
@@ -131,7 +130,7 @@ def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
     comparison (another length) started is extended, its kept steps and ours together, not trained again; one that
     passed a fork step of ours without a checkpoint there cannot serve, and is refused."""
     if (cfg.run_dir / "config.toml").exists():
-        _same_run(cfg, trunk=True)
+        saved = _same_run(cfg, trunk=True)
         have = {checkpoint_step(path) for path in list_checkpoints(cfg.run_dir)}
         missed = [step for step in cfg.checkpoint.keep_steps if step < max(have, default=0) and step not in have]
         if missed:
@@ -139,7 +138,6 @@ def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
                                  f"another --runs folder")
         if have.issuperset(cfg.checkpoint.keep_steps):
             return
-        saved = _saved(cfg)
         cfg = derive(cfg, train={"steps": max(cfg.train.steps, saved.train.steps)},
                      checkpoint={"keep_steps": sorted({*cfg.checkpoint.keep_steps, *saved.checkpoint.keep_steps})})
     if train(cfg, resume=True, progress=progress).stopped:
@@ -239,7 +237,7 @@ def plan_jobs(base: RunConfig, variants: Sequence[Variant], seeds: int, family: 
 
 def _world_size(cfg: RunConfig) -> int:
     """Ranks of the run's newest start (run.json is rewritten at every start)."""
-    return json.loads((cfg.run_dir / "run.json").read_text()).get("world_size", 1)
+    return read_json_object(cfg.run_dir / "run.json").get("world_size", 1)
 
 
 @dataclass
@@ -297,7 +295,7 @@ class Arm:
 def overhead_flops(cfg: RunConfig) -> int:
     """FLOPs the bag means and multi-hot gathers add over the whole run (the model FLOPs are a baseline's); for the
     input/output ablations, which do only one of the two, an upper bound."""
-    info = json.loads((cfg.run_dir / "run.json").read_text())
+    info = read_json_object(cfg.run_dir / "run.json")
     config = cfg.model.build_config(info["vocab_size"])
     schedule = cfg.phase_schedule()
     starts = [0, *schedule.ends[:-1]]
@@ -432,7 +430,7 @@ def collect(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Se
 
 def _setup(base: RunConfig, run_dir: Path, arms: Sequence[Arm]) -> dict[str, Any]:
     """The shared setup a reader needs to judge the numbers: model size, shapes, FLOPs per step, the overhead."""
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_json_object(run_dir / "run.json")
     phase1 = [a for a in arms if a.overhead_flops]
     overhead = max((a.overhead_flops / a.flops for a in phase1), default=0.0)
     return {
