@@ -32,6 +32,14 @@ def check_window(stream: TokenStream, batch_size: int, window_len: int) -> None:
         )
 
 
+def batch_rows(rows: range | None, batch_size: int) -> range:
+    """A rank's rows of the global batch (all of them for None); anything but a contiguous part is refused."""
+    rows = range(batch_size) if rows is None else rows
+    if not rows or rows.step != 1 or rows.start < 0 or rows.stop > batch_size:
+        raise SuperposeError(f"rows {rows} are not a part of a batch of {batch_size}")
+    return rows
+
+
 def _splitmix64(x: int) -> int:
     """One step of splitmix64: well-mixed 64-bit keys from small integers (seed, pass, level, round)."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -101,9 +109,7 @@ class WindowLoader:
         self.stream = stream
         self.batch_size = batch_size
         self.seed = seed
-        self.rows = range(batch_size) if rows is None else rows
-        if not self.rows or self.rows.step != 1 or self.rows.start < 0 or self.rows.stop > batch_size:
-            raise SuperposeError(f"rows {self.rows} are not a part of a batch of {batch_size}")
+        self.rows = batch_rows(rows, batch_size)
         self.epoch = 0  # passes completed
         self._levels: list[list[int]] = []  # [window length, windows read] per level of the current pass
         self._cache: tuple[tuple, int, np.ndarray] = ((), 0, np.empty(0, dtype=np.int64))  # (level key, first, starts)

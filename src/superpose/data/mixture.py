@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from superpose.data.loader import _MASK64, WindowLoader, _is_count, _splitmix64, check_window
+from superpose.data.loader import _MASK64, WindowLoader, _is_count, _splitmix64, batch_rows, check_window
 from superpose.data.shards import TokenDataset, TokenStream, open_dataset
 from superpose.errors import SuperposeError
 
@@ -84,9 +84,7 @@ class MixtureLoader:
         self.sources = list(sources)
         self.loaders = [WindowLoader(s.stream, batch_size, source_seed(seed, k)) for k, s in enumerate(sources)]
         self.batch_size, self.seed = batch_size, seed
-        self.rows = range(batch_size) if rows is None else rows
-        if not self.rows or self.rows.step != 1 or self.rows.start < 0 or self.rows.stop > batch_size:
-            raise SuperposeError(f"rows {self.rows} are not a part of a batch of {batch_size}")
+        self.rows = batch_rows(rows, batch_size)
         self._weights = _integer_weights([s.weight for s in sources])
         self._total = sum(self._weights)
         ties = [_splitmix64((_splitmix64(seed) + k) & _MASK64) for k in range(len(sources))]
