@@ -49,11 +49,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     """Replace a small file so a reader sees the old or the new content, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
+    tmp.write_bytes(content) if isinstance(content, bytes) else tmp.write_text(content)
     os.replace(tmp, path)
 
 

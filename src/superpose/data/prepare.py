@@ -17,6 +17,7 @@ a different one is refused. A bad input (a SuperposeError) removes it, as nothin
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -24,7 +25,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,10 +383,9 @@ class _Encoder:
             out[f"{split}_counts"] = np.array(counts[held_out], np.int64)
         final = _part(self.parts, chunk.index)
         final.parent.mkdir(exist_ok=True)
-        tmp = final.with_name(f".tmp-{final.name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **out)
-        os.replace(tmp, final)
+        buffer = io.BytesIO()
+        np.savez(buffer, **out)
+        write_atomic(final, buffer.getvalue())
 
     def _ids(self, raw: list[bytes]) -> Iterator[np.ndarray]:
         if self.tok is None:
@@ -457,7 +457,7 @@ def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: i
                 if len(pending) >= 2 * workers:
                     _collect(pending, bar, FIRST_COMPLETED)
                 pending[pool.submit(_run_worker, chunk)] = len(chunk.starts)
-            _collect(pending, bar, "ALL_COMPLETED")
+            _collect(pending, bar, ALL_COMPLETED)
     return total
 
 
