@@ -65,6 +65,30 @@ def test_parquet_ids_column_gives_the_shards_of_the_text(corpus: dict, tmp_path:
     assert meta["splits"]["train"]["bytes"] is None and meta["source"] == [str(path)]
 
 
+def test_hub_ids_column_gives_the_shards_of_the_text(corpus: dict, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub dataset's ids column is read like a local one; an unreachable hub is the corpus reader's one line."""
+    calls = []
+
+    def hub(*args: object, **kwargs: object) -> list[dict]:
+        calls.append((args, kwargs))
+        return [{"input_ids": ids, "n": i} for i, ids in enumerate(corpus["ids"])]
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    out = prepare(["owner/ids"], tmp_path / "o", tokenizer=corpus["tok"], ids_column="input_ids", **KW)
+    assert same_shards(out, corpus["reference"])
+    assert calls[0] == (("owner/ids", None), {"split": "train", "streaming": True})
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'owner/ids' on the Hub\nlong details")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SuperposeError, match=r"^corpus not found: owner/ids is no local file or folder, and the hub "
+                                             r"is off \(HF_HUB_OFFLINE\) with no cached copy of it$"):
+        prepare(["owner/ids"], tmp_path / "off", tokenizer=corpus["tok"], ids_column="input_ids", **KW)
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_datasets_folder_gives_the_shards_of_the_text(corpus: dict, tmp_path: Path, as_dict: bool) -> None:
     ds = datasets.Dataset.from_dict({"input_ids": corpus["ids"], "text": corpus["docs"]})

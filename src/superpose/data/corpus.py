@@ -239,20 +239,28 @@ def _iter_records(path: Path, text_field: str) -> Iterator[str]:
     yield from _texts(records, text_field, where, f"could not read {where}")
 
 
-def _iter_hub(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
+def hub_failure(name: str) -> str:
+    return f"could not load dataset '{name}' from the Hugging Face hub"
+
+
+def open_hub_records(name: str, config: str | None, split: str) -> Iterator[dict[str, Any]]:
+    """A hub dataset's records, streamed; one that cannot be opened is a one-line error (saying so when the hub is
+    switched off and nothing is cached). Errors while iterating are the caller's to word (see :func:`hub_failure`)."""
     import datasets
 
-    failure = f"could not load dataset '{name}' from the Hugging Face hub"
     try:
         with _quiet_hub():
-            records = iter(datasets.load_dataset(name, config, split=split, streaming=True))
+            return iter(datasets.load_dataset(name, config, split=split, streaming=True))
     except Exception as e:
         offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
         if offline:
             raise SuperposeError(f"corpus not found: {name} is no local file or folder{_did_you_mean(Path(name))},"
                                  f" and the hub is off ({offline[0]}) with no cached copy of it") from e
-        raise SuperposeError(f"{failure}{_did_you_mean(Path(name))}: {first_line(e)}") from e
-    yield from _texts(records, text_field, f"dataset '{name}'", failure)
+        raise SuperposeError(f"{hub_failure(name)}{_did_you_mean(Path(name))}: {first_line(e)}") from e
+
+
+def _iter_hub(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
+    yield from _texts(open_hub_records(name, config, split), text_field, f"dataset '{name}'", hub_failure(name))
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from superpose.data.corpus import resolve_source
+from superpose.data.corpus import hub_failure, open_hub_records, resolve_source
 from superpose.data.shards import token_dtype
 from superpose.errors import SuperposeError
 from superpose.files import first_line
@@ -171,11 +171,8 @@ def _parquet_rows(path: Path, column: str) -> Iterator[np.ndarray]:
 
 
 def _hub_rows(name: str, column: str, config: str | None, split: str) -> Iterator[np.ndarray]:
-    import datasets
-
-    failure = f"could not load dataset '{name}' from the Hugging Face hub"
+    records = open_hub_records(name, config, split)
     try:
-        records = iter(datasets.load_dataset(name, config, split=split, streaming=True))
         for record in records:
             if column not in record:
                 raise SuperposeError(f"dataset '{name}' has no column '{column}' (columns: {', '.join(sorted(record))});"
@@ -185,4 +182,4 @@ def _hub_rows(name: str, column: str, config: str | None, split: str) -> Iterato
     except SuperposeError:
         raise
     except Exception as e:
-        raise SuperposeError(f"{failure}: {first_line(e)}") from e
+        raise SuperposeError(f"{hub_failure(name)}: {first_line(e)}") from e
