@@ -258,7 +258,7 @@ def open_dataset(path: str | Path, tokenizer: str | None = None, verify: bool = 
     if verify:
         _verify_shards(root, [s for split in meta["splits"].values() for s in split["shards"] if "sha256" in s])
     if tokenizer is not None:
-        _check_same_vocab(load_tokenizer(tokenizer), tok, tokenizer, root)
+        check_same_vocab(load_tokenizer(tokenizer), tok, tokenizer, root)
     return TokenDataset(root, meta, tok)
 
 
@@ -311,7 +311,7 @@ def _check_meta(meta: Any, meta_path: Path) -> None:
             raise bad(f"split '{name}' says {split.get('tokens')} tokens but its shards hold {total}")
 
 
-def _check_same_vocab(given: Tokenizer, ours: Tokenizer, spec: str, root: Path) -> None:
+def check_same_vocab(given: Tokenizer, ours: Tokenizer, spec: str, root: Path) -> None:
     """Token ids are only meaningful with the vocabulary that produced them."""
     a = given.get_vocab(with_added_tokens=True)
     b = ours.get_vocab(with_added_tokens=True)

@@ -19,7 +19,7 @@ import tomli_w
 from tokenizers import Tokenizer
 from transformers import PretrainedConfig
 
-from ..data.shards import _check_same_vocab
+from ..data.shards import check_same_vocab
 from ..data.tokenizer import load_tokenizer
 from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
@@ -89,7 +89,7 @@ class ModelConfig:
         """init_from's tokenizer.json, when the folder has one, must be the data's: token ids mean the same then."""
         own = Path(self.init_from).expanduser() / "tokenizer.json"
         if self.init_from and own.is_file():
-            _check_same_vocab(load_tokenizer(str(own)), tokenizer, f"model.init_from {own}", data_path)
+            check_same_vocab(load_tokenizer(str(own)), tokenizer, f"model.init_from {own}", data_path)
 
     def describe(self) -> str:
         """Where the architecture comes from, for run.json and messages."""
