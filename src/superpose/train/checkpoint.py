@@ -156,7 +156,7 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def _prune(folder: Path, keep: int) -> None:
-    periodic = [p for p in list_checkpoints(folder.parent) if not json.loads((p / "state.json").read_text()).get("keep_always")]
+    periodic = [p for p in list_checkpoints(folder.parent) if not read_state(p).get("keep_always")]
     for old in periodic[:-keep]:
         shutil.rmtree(old)
 
