@@ -15,7 +15,8 @@ from superpose.data.shards import open_dataset
 from superpose.errors import SuperposeError
 from superpose.train.config import config_from_dict
 from superpose.train.distributed import init_one_rank_group, is_sharded, shutdown
-from superpose.train.step import Prefetcher, StepInterrupted, TrainModule, expert_load, profile_steps
+from superpose.train.objective import expert_load
+from superpose.train.step import Prefetcher, StepInterrupted, TrainModule, profile_steps
 
 VOCAB = 512
 

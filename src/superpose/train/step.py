@@ -1,8 +1,7 @@
 """One optimizer step (micro-batching, clipping, LR) kept apart from the forward/backward maths.
 
 The loop hands this module token windows and a bag size; it never sees the schedule, the data or the disk.
-``LMObjective`` puts the model and the TST objective in one module, so a distributed wrapper (FSDP2, DDP) sees the
-bag mean and the loss inside its forward, and the same code runs on one process or many.
+The forward maths (bag mean, multi-hot loss) live in :mod:`.objective`; here they are wrapped, stepped and clipped.
 
 Nothing in a step reads a value back to the host: the step returns device tensors (:class:`StepResult`), a
 non-finite update is skipped by the fused optimizer itself, and MoE expert load is counted on the device. The loop
@@ -17,15 +16,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from .. import method
-from ..losses import chunked_multi_hot_cross_entropy
 from ..errors import SuperposeError
-from ..models import build_model, materialize, moe_shape, read_pretrained, router_aux_loss, use_causal_sdpa
+from ..models import build_model, materialize, read_pretrained, use_causal_sdpa
 from .config import RunConfig
 from .distributed import (
     DistInfo,
@@ -36,6 +33,7 @@ from .distributed import (
     shards,
     sum_across_ranks,
 )
+from .objective import LMObjective, Objective
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -45,69 +43,6 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Share of routed token slots each expert received, per layer: ``[layers, experts]`` (uniform = 1/experts).
-
-    Counted with ``scatter_add`` into a fixed-size tensor, so no data-dependent shape and no host sync (``bincount``
-    must read its maximum back to size its output).
-    """
-    loads = []
-    for logits in router_logits:
-        chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)
-        counts = torch.zeros(logits.shape[-1], device=logits.device).scatter_add_(
-            0, chosen, torch.ones_like(chosen, dtype=torch.float32))
-        loads.append(counts / chosen.numel())
-    return torch.stack(loads)
-
-
-class Objective(NamedTuple):
-    """One micro-batch's objective: the TST loss, and for MoE models the router loss and expert load."""
-
-    loss: torch.Tensor
-    aux: torch.Tensor | None = None
-    load: torch.Tensor | None = None
-
-
-class LMObjective(torch.nn.Module):
-    """A Hugging Face causal LM under the TST objective: windows in, :class:`Objective` out.
-
-    The backbone (``lm.base_model``) runs on ``L`` positions of bag means; the head and the multi-hot loss follow,
-    either on full logits or fused and chunked (``loss_chunk``) so ``[B*L, V]`` logits are never held at once.
-    """
-
-    def __init__(self, lm: torch.nn.Module, cfg: RunConfig):
-        super().__init__()
-        self.lm = lm
-        self.tst = cfg.tst
-        self.loss_chunk = cfg.train.loss_chunk
-        self.compile_loss = cfg.train.compile
-        self.num_experts, self.top_k = moe_shape(lm.config)
-
-    def forward(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
-        input_ids, targets = method.split_window(window, bag, mode)
-        embedding = self.lm.get_input_embeddings()
-        x = method.embed_inputs(embedding, input_ids, bag, mode, self.tst.rescale_mean)
-        scale = getattr(embedding, "embed_scale", None)  # Gemma scales lookups (by sqrt(d)) inside its embedding
-        if scale is not None:
-            x = x * scale.to(x.dtype)
-        extra = {"output_router_logits": True} if self.num_experts else {}
-        out = self.lm.base_model(inputs_embeds=x, use_cache=False, **extra)
-        w = None if mode == "input" else method.target_weights(bag, self.tst.weighting, self.tst.alpha)
-        if self.loss_chunk:
-            head = self.lm.get_output_embeddings()
-            loss = chunked_multi_hot_cross_entropy(out.last_hidden_state, head.weight, targets,
-                                                   chunk_size=self.loss_chunk, weights=w, bias=head.bias,
-                                                   compiled=self.compile_loss)
-        else:
-            loss = method.multi_hot_cross_entropy(self.lm.get_output_embeddings()(out.last_hidden_state), targets,
-                                                  weights=w)
-        if not self.num_experts:
-            return Objective(loss)
-        with torch.no_grad():
-            load = expert_load(out.router_logits, self.top_k)
-        return Objective(loss, router_aux_loss(self.lm, out), load)
 
 
 @dataclass
