@@ -6,9 +6,11 @@ import pytest
 from transformers import LlamaConfig, Qwen3MoeConfig
 
 from superpose.flops import (
+    attention_flops_per_token,
     flops_per_step,
     flops_per_token,
     mfu,
+    mfu_both,
     peak_bf16_flops,
     matmul_parameters,
     superpose_overhead_flops,
@@ -35,6 +37,24 @@ def test_hand_computed_dense_value() -> None:
     assert matmul_parameters(config) == 6208
     assert flops_per_token(config, 8) == 37248 + 3072
     assert flops_per_step(config, batch_size=3, seq_len=8) == (37248 + 3072) * 3 * 8
+
+
+def test_causal_attention_counts_the_half_a_causal_kernel_computes() -> None:
+    config = _small_llama()
+    assert attention_flops_per_token(config, 8, causal=True) == 3072 // 2
+    assert flops_per_step(config, 3, 8, causal=True) == (37248 + 1536) * 3 * 8
+    # the default stays the PaLM count that runs log and compare reports read
+    assert flops_per_step(config, 3, 8) == flops_per_step(config, 3, 8, causal=False)
+
+
+def test_mfu_both_reports_causal_and_palm_figures() -> None:
+    # llama-600m at L 2048: the PaLM count reads ~13% higher than the causal work done
+    config = model_config("llama-600m")
+    both = mfu_both(config, 8, 2048, 1.0, "NVIDIA H100 80GB HBM3")
+    assert both["mfu"] == pytest.approx(flops_per_step(config, 8, 2048, causal=True) / 989e12)
+    assert both["mfu_noncausal"] == pytest.approx(flops_per_step(config, 8, 2048) / 989e12)
+    assert 1.10 < both["mfu_noncausal"] / both["mfu"] < 1.15
+    assert mfu_both(config, 8, 2048, 1.0, "cpu") == {"mfu": None, "mfu_noncausal": None}
 
 
 def _moe(num_experts: int, top_k: int, **kwargs: object) -> Qwen3MoeConfig:
@@ -88,6 +108,9 @@ def test_superpose_overhead_is_negligible_for_tiny() -> None:
         ("NVIDIA H100 80GB HBM3", 989e12),
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
         ("NVIDIA B200", 2250e12),
         ("NVIDIA L40S", 362e12),

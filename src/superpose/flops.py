@@ -1,10 +1,15 @@
-"""Training FLOPs, so TST and baseline runs can be compared at equal compute.
+"""Training FLOPs, so TST and baseline runs can be compared at equal compute, and MFU.
 
-Convention (PaLM, Chowdhery et al. 2022, appendix B): per position, forward + backward costs
-6 * N + 12 * n_layers * n_heads * head_dim * seq_len, where N counts the active parameters that
-take part in matrix multiplies (attention and MLP/expert projections, the MoE router and the LM
-head; not the input-embedding lookup nor norm gains). The attention term covers QK^T and AV for
-the full L x L score matrix: causal masking is NOT halved, matching PaLM and most MFU reports.
+Convention: per position, forward + backward costs 6 * N + (attention scores), where N counts the active parameters
+that take part in matrix multiplies (attention and MLP/expert projections, the MoE router and the LM head; not the
+input-embedding lookup nor norm gains). The attention scores (QK^T and AV) cost 12 * n_layers * n_heads * head_dim * L
+per position for the full L x L score matrix: that is PaLM's count (Chowdhery et al. 2022, appendix B) and Megatron's,
+and it is what `flops_per_step` counts, what a run logs as ``flops`` and what the compare reports use (the same for
+TST and baseline at equal L, so a speedup does not depend on it; kept so logged totals stay comparable across
+versions and resumes). A causal kernel (flash/SDPA with ``is_causal``) skips the masked half of the score matrix, so
+the work it does is half that term: ``causal=True`` counts that (6 * ... * L). MFU is reported both ways
+(`mfu_both`): ``mfu`` counts causal attention as the half it does, ``mfu_noncausal`` is the PaLM/Megatron figure,
+which reads higher (x1.13 at llama-600m / L 2048, x1.18 at qwen3-moe-10b-a1b / L 4096).
 
 A TST phase-1 step runs the transformer on the same L positions as a baseline step (each position
 holds the mean embedding of a bag of tokens), so its model FLOPs equal `flops_per_step` at that L;
@@ -64,16 +69,25 @@ def matmul_parameters(config: PretrainedConfig) -> int:
     return total
 
 
-def flops_per_token(config: PretrainedConfig, seq_len: int) -> int:
-    """Forward + backward model FLOPs per position at context length `seq_len` (PaLM convention)."""
+def attention_flops_per_token(config: PretrainedConfig, seq_len: int, causal: bool = False) -> int:
+    """Forward + backward FLOPs of the score matrix (QK^T and AV) per position: the full L x L matrix (PaLM,
+    Megatron), or with ``causal`` the half a causal kernel computes."""
     heads = getattr(config, "num_attention_heads", 0) or 0  # 0: a family without attention (no score matrix)
-    attention_scores = 12 * config.num_hidden_layers * heads * resolve_head_dim(config) * seq_len if heads else 0
-    return 6 * matmul_parameters(config) + attention_scores
+    if not heads:
+        return 0
+    full = 12 * config.num_hidden_layers * heads * resolve_head_dim(config) * seq_len
+    return full // 2 if causal else full
 
 
-def flops_per_step(config: PretrainedConfig, batch_size: int, seq_len: int) -> int:
-    """Model FLOPs of one optimizer step over batch_size x seq_len positions (same L at any bag size)."""
-    return flops_per_token(config, seq_len) * batch_size * seq_len
+def flops_per_token(config: PretrainedConfig, seq_len: int, causal: bool = False) -> int:
+    """Forward + backward model FLOPs per position at context length `seq_len` (PaLM convention unless ``causal``)."""
+    return 6 * matmul_parameters(config) + attention_flops_per_token(config, seq_len, causal)
+
+
+def flops_per_step(config: PretrainedConfig, batch_size: int, seq_len: int, causal: bool = False) -> int:
+    """Model FLOPs of one optimizer step over batch_size x seq_len positions (same L at any bag size); the default
+    is the PaLM count a run logs (see the module docstring)."""
+    return flops_per_token(config, seq_len, causal) * batch_size * seq_len
 
 
 def superpose_overhead_flops(config: PretrainedConfig, batch_size: int, seq_len: int, bag: int) -> int:
@@ -89,12 +103,20 @@ def superpose_overhead_flops(config: PretrainedConfig, batch_size: int, seq_len:
     return 2 * per_position * batch_size * seq_len
 
 
-# Dense bf16 tensor-core peak FLOP/s (no 2:4 sparsity) from the vendors' data sheets, by device-name fragment; the
-# more specific names come first ("H100 PCIe" before "H100", which is the SXM part).
+# Dense bf16 tensor-core peak FLOP/s (no 2:4 sparsity: half the data sheets' headline "with sparsity" figures), by
+# device-name fragment as torch.cuda.get_device_name() reports it; more specific names come first ("H100 NVL" before
+# "H100"). Sources, NVIDIA's data sheets (BF16 Tensor Core, with sparsity -> dense):
+#   H100 data sheet (nvidia.com/en-us/data-center/h100): SXM 1,979 -> 989; PCIe 1,513 -> 756; NVL 1,671 -> 835.
+#   H200 data sheet (nvidia.com/en-us/data-center/h200): SXM 1,979 -> 989; NVL 1,671 -> 835 (600 W PCIe card).
+#   GH200 (Grace Hopper superchip) data sheet: 1,979 -> 989 ("GH200" also contains "H200": listed before it).
+#   HGX B200 (nvidia.com/en-us/data-center/hgx): 4.5 PFLOPS per GPU -> 2,250. A100 data sheet: 312 dense (624 sparse).
+#   L40S data sheet: 733 -> 362 (362.05 listed dense).
 _BF16_PEAK = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),
@@ -117,3 +139,11 @@ def mfu(model_flops: float, seconds: float, device_name: str, devices: int = 1) 
     if peak is None or seconds <= 0:
         return None
     return model_flops / seconds / (peak * devices)
+
+
+def mfu_both(config: PretrainedConfig, batch_size: int, seq_len: int, seconds: float, device_name: str,
+             devices: int = 1) -> dict[str, float | None]:
+    """MFU of one step of ``batch_size x seq_len`` positions in ``seconds``, both ways (module docstring):
+    ``mfu`` with causal attention counted as the half it does, ``mfu_noncausal`` the PaLM/Megatron figure."""
+    return {key: mfu(flops_per_step(config, batch_size, seq_len, causal), seconds, device_name, devices)
+            for key, causal in (("mfu", True), ("mfu_noncausal", False))}
