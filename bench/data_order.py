@@ -116,7 +116,7 @@ def run_one(data: str, work: str, order: str, bag: int, seed: int, steps: int) -
     """Train one run with ``order``'s loader patched into the trainer; cache and return its final numbers."""
     torch.set_num_threads(1)
     import superpose.train.loop as loop
-    from superpose.train.config import config_from_dict
+    from superpose.train.config_load import config_from_dict
 
     name = f"{order}-bag{bag}-seed{seed}-steps{steps}"
     cached = Path(work) / f"{name}.json"

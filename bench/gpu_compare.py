@@ -24,7 +24,7 @@ from gpu_throughput import gpu_environment
 from superpose.provenance import provenance
 from superpose.data.prepare import prepare
 from superpose.errors import SuperposeError
-from superpose.train.config import load_config
+from superpose.train.config_load import load_config
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 

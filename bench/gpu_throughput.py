@@ -25,7 +25,7 @@ from superpose import method
 from superpose.provenance import provenance
 from superpose.flops import flops_per_step, mfu, peak_bf16_flops
 from superpose.models import get_preset, parameter_counts
-from superpose.train.config import load_config
+from superpose.train.config_load import load_config
 from superpose.train.distributed import init_one_rank_group, shutdown
 from superpose.train.step import TrainModule
 

@@ -19,7 +19,8 @@ from typing import Any
 from superpose.compare import compare, variants_for, write_report
 from superpose.plots import plot_trend
 from superpose.provenance import provenance
-from superpose.train.config import RunConfig, load_config
+from superpose.train.config import RunConfig
+from superpose.train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_OVERRIDES = ["optim.warmup_steps=30", "eval.every=30", "eval.batches=8", "train.log_every=1",

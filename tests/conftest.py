@@ -7,7 +7,8 @@ import pytest
 
 from superpose.cli import main
 from superpose.data.prepare import prepare
-from superpose.train.config import RunConfig, config_from_dict
+from superpose.train.config import RunConfig
+from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
 
 

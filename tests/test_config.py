@@ -4,7 +4,8 @@ import pytest
 
 from superpose.errors import SuperposeError
 from superpose.models import PRESETS
-from superpose.train.config import RunConfig, config_from_dict, load_config, tomllib
+from superpose.train.config import RunConfig
+from superpose.train.config_load import config_from_dict, load_config, tomllib
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -108,7 +109,7 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_config_reference_documents_every_key_and_is_current():
-    from superpose.train.config import config_reference
+    from superpose.train.config_docs import config_reference
 
     reference = config_reference()
     cfg = RunConfig().to_dict()

@@ -23,7 +23,7 @@ from superpose import method
 from superpose.export import export
 from superpose.models import build_model
 from superpose.train.checkpoint import list_checkpoints
-from superpose.train.config import config_from_dict
+from superpose.train.config_load import config_from_dict
 from superpose.train.distributed import DistInfo, any_rank, init_distributed, shutdown
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics

@@ -20,7 +20,8 @@ from superpose.export import export
 from superpose.flops import counted_matmul_parameters, flops_per_step, matmul_parameters
 from superpose.models import CAUSAL_SDPA, PRESETS, model_config, moe_shape, parameter_counts
 from superpose.train.checkpoint import list_checkpoints, load_checkpoint
-from superpose.train.config import ModelConfig, config_from_dict
+from superpose.train.config import ModelConfig
+from superpose.train.config_load import config_from_dict
 from superpose.train.distributed import decoder_layers
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics

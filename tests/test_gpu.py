@@ -8,7 +8,7 @@ import torch
 
 from superpose import method
 from superpose.losses import chunked_multi_hot_cross_entropy
-from superpose.train.config import config_from_dict
+from superpose.train.config_load import config_from_dict
 from superpose.train.distributed import init_one_rank_group, shutdown
 from superpose.train.step import Prefetcher, TrainModule
 

@@ -22,7 +22,7 @@ from superpose.data.shards import FORMAT, ShardWriter, open_dataset, write_meta
 from superpose.errors import SuperposeError
 from superpose.files import file_sha256
 from superpose.train.checkpoint import list_checkpoints
-from superpose.train.config import config_from_dict
+from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
 from superpose.train.metrics import dashboard_tag, read_metrics
 

@@ -20,7 +20,7 @@ from superpose.cli import main
 from superpose.compare import IsoLoss, compare, iso_loss_partial, iso_loss_steps, variants_for, write_report
 from superpose.compare.plan import write_plan
 from superpose.errors import SuperposeError
-from superpose.train.config import load_config
+from superpose.train.config_load import load_config
 from superpose.train.faults import KILL_ENV
 from superpose.train.loop import CheckpointCadence
 

@@ -13,7 +13,7 @@ from superpose import method
 from superpose.data.loader import WindowLoader
 from superpose.data.shards import open_dataset
 from superpose.errors import SuperposeError
-from superpose.train.config import config_from_dict
+from superpose.train.config_load import config_from_dict
 from superpose.train.distributed import init_one_rank_group, is_sharded, shutdown
 from superpose.train.objective import expert_load
 from superpose.train.step import Prefetcher, StepInterrupted, TrainModule, profile_steps

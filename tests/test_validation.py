@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from superpose.data.loader import WindowLoader
 from superpose.data.shards import open_dataset
 from superpose.errors import SuperposeError
-from superpose.train.config import RunConfig, config_from_dict
+from superpose.train.config import RunConfig
+from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
 
 SECTIONS = {name: sorted(getattr(RunConfig(), name).__dataclass_fields__) for name in

@@ -25,7 +25,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from .train.config import load_config
+    from .train.config_load import load_config
     from .train.distributed import torchrun_env
     from .train.loop import train
 
@@ -137,7 +137,7 @@ def _compare(args: argparse.Namespace) -> int:
         return _report(args)
     if args.schedule and (args.bag is not None or args.ratio is not None):
         raise SuperposeError("--schedule replaces --bag/--ratio; give one or the other")
-    # an override's choice of schedule or bag/ratio replaces the config file's (train.config.config_from_dict)
+    # an override's choice of schedule or bag/ratio replaces the config file's (train.config_load.config_from_dict)
     tst = [f"tst.schedule={args.schedule}"] if args.schedule else []
     tst += [f"tst.{key}={value}" for key, value in (("bag", args.bag), ("ratio", args.ratio)) if value is not None]
     base = _comparison_config(args, tst)
@@ -162,7 +162,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .train.config import config_reference
+    from .train.config_docs import config_reference
 
     print(config_reference(), end="")
     return 0

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .data.prepare import prepare
 from .train.checkpoint import list_checkpoints
-from .train.config import RunConfig, config_from_dict
+from .train.config import RunConfig
+from .train.config_load import config_from_dict
 from .train.loop import RunResult, train
 
 DEMO_VOCAB = 4096
