@@ -151,3 +151,52 @@ def test_merged_stages_keep_their_real_end():
     schedule = PhaseSchedule([(0.2, 4), (0.4, 4), (1.0, 1)], 10)
     assert [(st.until, st.bag) for st in schedule.stages] == [(4, 4), (10, 1)]
     assert schedule.ends == [4, 10]
+
+
+def test_the_schema_imports_neither_its_loader_nor_its_docs():
+    """train/config.py is the reference of the config: loading and the docs generator import it, never back."""
+    import ast
+
+    import superpose.train.config as schema
+
+    tree = ast.parse(Path(schema.__file__).read_text())
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name.endswith(("config_load", "config_docs"))}
+
+
+def test_a_model_config_is_read_once_per_run(tiny_config, tmp_path, monkeypatch):
+    """Start-up reads model.config once, checks it, and hands the config on to the TrainModule."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from superpose.train.loop import train
+
+    LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "llama")
+    reads = []
+    read = AutoConfig.from_pretrained
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *args, **kwargs: reads.append(args) or read(*args,
+                                                                                                         **kwargs))
+    result = train(tiny_config(model={"preset": "", "config": str(tmp_path / "llama")}, train={"steps": 2},
+                               optim={"warmup_steps": 0}, eval={"every": 0}), progress=False)
+    assert result.steps == 2
+    assert reads == [(str(tmp_path / "llama"),)]
+
+
+def test_hub_logs_are_quiet_while_a_model_config_is_fetched(monkeypatch, caplog):
+    """A hub name that cannot be fetched is one line, without the retry logs of the hub's libraries beneath it."""
+    import logging
+
+    from transformers import AutoConfig
+
+    from superpose.train.config import ModelConfig
+
+    def offline(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=4)) after connection broken")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
+    with caplog.at_level(logging.WARNING), pytest.raises(SuperposeError, match="model.config: cannot read"):
+        ModelConfig(config="owner/no-such-model").build_config(300)
+    assert "Retrying" not in caplog.text

@@ -12,13 +12,13 @@ import os
 import re
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from superpose.errors import SuperposeError
 from superpose.files import first_line
+from superpose.hub import quiet_hub
 
 EMBEDDED = "embedded"
 RECORD_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -249,7 +249,7 @@ def open_hub_records(name: str, config: str | None, split: str) -> Iterator[dict
     import datasets
 
     try:
-        with _quiet_hub():
+        with quiet_hub():
             return iter(datasets.load_dataset(name, config, split=split, streaming=True))
     except Exception as e:
         offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
@@ -261,22 +261,6 @@ def open_hub_records(name: str, config: str | None, split: str) -> Iterator[dict
 
 def _iter_hub(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
     yield from _texts(open_hub_records(name, config, split), text_field, f"dataset '{name}'", hub_failure(name))
-
-
-@contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """The hub libraries log every retry and cache miss; the one-line error at the end says what matters."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec", "urllib3")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _texts(records: Iterator[dict[str, Any]], text_field: str, where: str, failure: str) -> Iterator[str]:
