@@ -1,8 +1,10 @@
 """Any transformers causal LM (``model.config``) and continued pretraining (``model.init_from``).
 
 Each family trains across the TST switch (bag 2, then bag 1), resumes with the losses of the uninterrupted run, and
-exports a folder that plain ``AutoModelForCausalLM`` loads with the trainer's own loss and logits. Families the TST
-input path cannot drive are refused in one line before anything is written.
+exports a folder that plain ``AutoModelForCausalLM`` loads with the trainer's own loss and logits, for families that
+change their logits after the head too (Gemma 2, Cohere, Granite: the loss applies the same map, full or fused).
+Families the TST input path cannot drive, or whose logit map it does not know, are refused in one line before
+anything is written.
 """
 
 import json
@@ -41,6 +43,12 @@ FAMILIES = {
     # from the global RNG that a checkpoint does not hold (docs/models.md)
     "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # MoE under other field names, router loss
+    # logits changed after the head: a soft cap low enough to bend these logits, a scale, a division (Granite's
+    # other multipliers too, which act inside the backbone)
+    "gemma2": {"final_logit_softcapping": 2.0, "sliding_window": 8, "query_pre_attn_scalar": 8},
+    "cohere": {"logit_scale": 0.5},
+    "granite": {"logits_scaling": 0.25, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2},
 }
 
 
@@ -65,20 +73,22 @@ def family_run(tiny_config, model: dict, name: str = "run", steps: int = 4):
 
 
 def trainer_loss_and_logits(cfg, checkpoint, vocab_size, window):
-    """The trainer's bag-1 loss and LM-head logits on ``window`` from a checkpoint, as training computes them."""
+    """The trainer's bag-1 loss and logits (the LM head's, then the family's logit map) on ``window`` from a
+    checkpoint, as training computes them."""
     module = TrainModule(cfg, vocab_size, torch.device("cpu"), init=False)
     load_checkpoint(checkpoint, module.model, None)
     module.model.eval()
     lm = module.model
     with torch.no_grad():
         hidden = lm.base_model(inputs_embeds=lm.get_input_embeddings()(window[:, :-1])).last_hidden_state
-        return module.loss(window, 1, "both").loss, lm.get_output_embeddings()(hidden)
+        return module.loss(window, 1, "both").loss, module.objective.logits(hidden)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_resumes_and_exports(family, tiny_config, embedded_data, tmp_path):
     path = write_config(tmp_path / family, family, **FAMILIES[family])
     cfg = family_run(tiny_config, {"config": str(path)})
+    cfg.train.loss_chunk = 24 if family in ("gemma2", "granite") else 0  # the map in the fused loss, and in full
     result = train(cfg, progress=False)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["bag"] for r in rows] == [2, 2, 1, 1]
@@ -89,6 +99,7 @@ def test_family_trains_resumes_and_exports(family, tiny_config, embedded_data, t
     assert json.loads((result.run_dir / "config.json").read_text())["vocab_size"] == vocab  # the data's, not 1024
 
     cut = family_run(tiny_config, {"config": str(path)}, name="cut")
+    cut.train.loss_chunk = cfg.train.loss_chunk
     shutil.copytree(result.run_dir, cut.run_dir)
     shutil.rmtree(list_checkpoints(cut.run_dir)[-1])  # killed after the switch checkpoint (step 2)
     assert losses(train(cut, resume=True, progress=False).run_dir) == losses(result.run_dir)
@@ -129,8 +140,8 @@ def test_family_specifics_are_found_generically(tmp_path):
     ("vit", {}, "is vit, which is not a causal LM"),
     ("t5", {}, "is t5, an encoder-decoder model"),
     ("bert", {}, "LM head is more than one linear layer"),  # BertLMHeadModel: a transform before the decoder
-    ("gemma2", {}, "final_logit_softcapping = 30.0"),
-    ("cohere", {}, "logit_scale = 0.0625"),
+    ("hyperclovax", {"logits_scaling": 2.0}, r"\(logits_scaling = 2.0\), a map the TST loss does not know"),
+    ("mpt", {"logit_scale": 0.5}, r"\(logit_scale = 0.5\), a map the TST loss does not know"),
 ])
 def test_family_tst_cannot_drive_is_refused_in_one_line(model_type, fields, problem, tiny_config, tmp_path, capsys):
     path = write_config(tmp_path / model_type, model_type, **fields)

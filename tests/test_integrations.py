@@ -22,9 +22,11 @@ from superpose.integrations.transformers import (
     TSTBatchSampler,
     TSTTrainer,
 )
+from superpose.method import window_length
 from superpose.schedule import PhaseSchedule
 from superpose.train.config import LogConfig
 from superpose.train.metrics import WANDB_ID_FILE, MetricsWriter
+from superpose.train.step import TrainModule
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer_tst.py"
 
@@ -63,6 +65,35 @@ def test_tst_trainer_loss_at_bag_1_is_the_plain_trainer_loss(embedded_data, tmp_
     print(f"TSTTrainer bag-1 loss {got.item():.8f} vs Trainer {expected.item():.8f}: |diff| = {diff:.3g}")
     assert diff <= 1e-6
     assert math.isfinite(bagged.item()) and bagged.item() != got.item()
+
+
+@pytest.mark.parametrize(("mode", "preset"), [("both", "tiny"), ("input", "tiny"), ("output", "tiny"),
+                                             ("both", "tiny-moe")])
+def test_tst_trainer_step_equals_the_trainer_step(mode, preset, tiny_config, tmp_path):
+    """The same batch through ``TrainModule.train_step`` and ``TSTTrainer.training_step``: the same loss and the same
+    gradients, with the options a TST run sets (power weighting, rescaled bag means, the fused chunked loss) and, for
+    MoE, the router loss at the model's coefficient."""
+    cfg = tiny_config(model={"preset": preset}, tst={"mode": mode, "weighting": "power", "alpha": 0.5,
+                                                     "rescale_mean": True},
+                      train={"loss_chunk": 24}, optim={"grad_clip": 0.0})
+    module = TrainModule(cfg, 512, torch.device("cpu"))
+    bag, seq_len = cfg.tst.bag, cfg.train.seq_len
+    window = torch.randint(0, 512, (4, window_length(seq_len, bag, mode)), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    module.optimizer.step = lambda: grads.update((n, p.grad.clone()) for n, p in module.model.named_parameters())
+    step = module.train_step(window, bag, lr=1e-3)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=cfg.train.steps,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    trainer = TSTTrainer(model=module.model, args=args, train_dataset=[{"input_ids": [0] * (seq_len + 1)}] * 64,
+                         bag=bag, ratio=cfg.tst.ratio, mode=mode, weighting="power", alpha=0.5, rescale_mean=True,
+                         loss_chunk=24)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step runs outside of
+    loss = trainer.training_step(trainer.model, {"input_ids": window, "bag": bag})
+    minimised = step.loss if step.aux_loss is None else step.loss + module.objective.aux_coef * step.aux_loss
+    assert loss.item() == pytest.approx(minimised.item(), abs=1e-6)
+    for name, param in module.model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert (step.aux_loss is not None) == (preset == "tiny-moe")
 
 
 def test_sampler_reads_every_chunk_once_per_epoch_in_a_fresh_order():

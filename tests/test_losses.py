@@ -1,14 +1,23 @@
 """The fused, chunked multi-hot CE equals the full-logits method loss (value and gradients) in every case.
 
 Most cases run the chunk function eagerly (seconds); the ``compiled`` cases check that ``torch.compile`` gives the
-same numbers, compiles once for every chunk length and bag size > 1, and falls back to eager where it cannot compile.
+same numbers, compiles once for every chunk length and bag size > 1, and falls back to eager where it cannot compile
+(and only then). Families' logit maps are applied in the loss and, by the chain rule, in its gradients.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from superpose.losses import _compiled_chunk, _CompiledOrEager, chunked_multi_hot_cross_entropy
+from superpose import losses
+from superpose.losses import (
+    LogitMap,
+    _chunk_loss_and_grad,
+    _compiled_chunk,
+    _CompiledOrEager,
+    chunked_multi_hot_cross_entropy,
+    loss_path,
+)
 from superpose.method import multi_hot_cross_entropy, target_weights
 
 UPSTREAM = 0.37  # a non-unit gradient from above, so the backward's scaling of the stored gradients is checked
@@ -225,3 +234,111 @@ def test_rejects_bad_arguments():
         chunked_multi_hot_cross_entropy(hidden, weight, targets[:, :2])
     with pytest.raises(ValueError, match="weight"):
         chunked_multi_hot_cross_entropy(hidden, weight[:, :4], targets)
+
+
+# --- logit maps (Gemma 2's soft cap, Cohere's and Granite's scales) ------------------------------------------------
+
+
+@pytest.mark.parametrize("logit_map", [LogitMap(softcap=2.0), LogitMap(scale=0.0625), LogitMap(scale=1 / 8)])
+@pytest.mark.parametrize("bag", [1, 4])
+def test_logit_map_applies_in_the_loss_and_by_chain_rule_in_its_gradients(logit_map, bag):
+    hidden, weight, bias, targets = _case(bag + 40, 2, 12, 16, 97, bag, ignore=0.2)
+    hidden.data *= 4  # logits of a few units, where tanh bends
+    weights = target_weights(bag, "power", 1.0)
+    want = _loss_and_grads(lambda: multi_hot_cross_entropy(logit_map(hidden @ weight.T + bias), targets,
+                                                            weights=weights), hidden, weight, bias)
+    got = _loss_and_grads(lambda: chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=7,
+                                                                  weights=weights, bias=bias, logit_map=logit_map),
+                          hidden, weight, bias)
+    _assert_all_close(got, want)
+    plain = multi_hot_cross_entropy(hidden @ weight.T + bias, targets, weights=weights)
+    assert abs(plain.item() - want[0].item()) > 1e-2  # the map matters here
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=5, bias=bias,
+                                                                   weights=weights, logit_map=logit_map), want[0])
+
+
+def test_compiled_soft_cap_matches_reference(compiles):
+    case = _case(77, 2, 12, 16, 97, 4, ignore=0.2)
+    cap = LogitMap(softcap=2.0)
+    want = _loss_and_grads(lambda: multi_hot_cross_entropy(cap(case[0] @ case[1].T + case[2]), case[3]), *case[:3])
+    got = _loss_and_grads(lambda: chunked_multi_hot_cross_entropy(case[0], case[1], case[3], chunk_size=7,
+                                                                  bias=case[2], compiled=True, logit_map=cap),
+                          *case[:3])
+    _assert_all_close(got, want)
+    assert loss_path(7, True) == "fused_compiled"
+
+
+# --- which path ran; only compile failures fall back -------------------------------------------------------------
+
+
+def _compile_returning(run):
+    """A stand-in for ``torch.compile`` whose compiled function is ``run``."""
+    return lambda fn, **kwargs: run
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   torch.OutOfMemoryError("CUDA out of memory"), ValueError("bad inputs")])
+def test_an_error_that_is_no_compile_failure_propagates(error, monkeypatch):
+    def fails(*args):
+        raise error
+
+    monkeypatch.setattr(torch, "compile", _compile_returning(fails))
+    run = _CompiledOrEager(lambda x: (x, None, None))
+    with pytest.raises(type(error), match=str(error)):
+        run(torch.ones(2))
+    assert not run.failed
+
+
+def test_bad_inputs_while_tracing_propagate(compiles):
+    """An op that refuses its inputs while dynamo traces (a ``TorchRuntimeError``) fails eagerly too: no fallback."""
+    run = _CompiledOrEager(lambda a, b: (a @ b, None, None))
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError):
+        run(torch.ones(3, 4), torch.ones(5, 6))
+    assert not run.failed
+
+
+def test_a_compile_failure_falls_back_and_loss_path_says_so(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def no_compiler(*args):
+        raise InductorError(InvalidCxxCompiler(), None)
+
+    monkeypatch.setattr(losses, "_compiled_chunk", losses._CompiledOrEager(losses._chunk_loss_and_grad))
+    monkeypatch.setattr(torch, "compile", _compile_returning(no_compiler))
+    assert (loss_path(0, True), loss_path(16, False), loss_path(16, True)) == \
+        ("full_logits", "fused_eager", "fused_compiled")
+    case = _case(31, 2, 10, 8, 50, 4)
+    with pytest.warns(RuntimeWarning, match="InductorError.*running it eagerly"):
+        got = _fused(*case, chunk_size=6, compiled=True)
+    _assert_all_close(got, _fused(*case, chunk_size=6))
+    assert isinstance(InductorError(InvalidCxxCompiler(), None), BackendCompilerFailed)
+    assert loss_path(16, True) == "fused_eager_fallback" and loss_path(16, False) == "fused_eager"
+
+
+# --- the head gradient accumulates in fp32 ---------------------------------------------------------------------------
+
+
+def test_bf16_head_gradient_accumulates_in_fp32():
+    """Under bf16 autocast each chunk's ``dz.T @ h`` (bf16 operands) is summed in fp32, never rounded to bf16 first:
+    the weight gradient equals the fp32 sum of the chunks' exact products. On CUDA this is one ``addmm`` with
+    ``out_dtype=float32`` into the fp32 buffer (no bf16 ``[V, d]`` temporary per chunk): that it runs, and the memory
+    it saves, only a GPU shows (tests/test_gpu.py); the CPU upcasts the chunk's operands to the same sum."""
+    hidden, weight, _, targets = _case(13, 2, 20, 32, 64, 4)
+    chunk = 6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=chunk).backward()
+    assert weight.grad.dtype == torch.float32
+    h, w = hidden.detach().reshape(-1, 32).bfloat16(), weight.detach().bfloat16()
+    t = targets.reshape(-1, 4)
+    mass = (t != -100).float() / (t != -100).sum()
+    exact = torch.zeros(64, 32)
+    rounded = torch.zeros(64, 32)
+    for start in range(0, h.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        dz = _chunk_loss_and_grad(h[rows], w, None, t[rows], mass[rows], torch.bfloat16, False)[1]
+        exact += dz.float().T @ h[rows].float()
+        rounded += (dz.T @ h[rows]).float()  # what a bf16 product per chunk gives
+    torch.testing.assert_close(weight.grad, exact, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(rounded, exact, atol=1e-7, rtol=1e-5)  # the check tells the two apart

@@ -9,7 +9,8 @@ on, and the loss is the plain causal-LM loss. The pieces:
   batches it has produced, so the bag follows the optimizer step however far ahead the data loader prefetches.
 - :class:`TSTDataCollator` stacks each row's chunks into one window and tags the batch with its bag.
 - :class:`TSTCallback` places the sampler at the right batch when a run (re)starts and reports the epoch read.
-- :class:`TSTTrainer` wires them together, scores batches with the multi-hot objective and logs the bag.
+- :class:`TSTTrainer` wires them together, scores batches with the trainer's own objective
+  (:class:`superpose.train.objective.LMObjective`: the same bag means, loss, options and logit maps) and logs the bag.
 
 One process or many (``torchrun``/``accelerate launch``, DDP or FSDP): every rank reads its own rows of the same global
 batch, so the run is the one-process run with ``per_device_train_batch_size * world_size`` rows. Data loader workers
@@ -18,7 +19,8 @@ are supported; the script's own ``data_collator`` still serves evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -34,8 +36,10 @@ from transformers import (
 )
 
 from ..errors import SuperposeError
-from ..method import multi_hot_cross_entropy, split_window
+from ..method import MODES, split_window
+from ..models import check_trainable
 from ..schedule import PhaseSchedule, Stage
+from ..train.objective import LMObjective
 
 
 @lru_cache(maxsize=4)
@@ -65,14 +69,16 @@ class TSTBatchSampler(Sampler[list[int]]):
       ``[r*batch_size, (r+1)*batch_size)`` of it, the same global batch at any world size.
 
     Each bag must divide the bag before it (``8 -> 4 -> 1``, every two-phase schedule), which keeps micro-batches on
-    whole rows of a group. ``len`` is the bag-1 batches of one epoch, rounded down to whole optimizer steps (the
+    whole rows of a group. With ``whole_bags=False`` (the ``output`` objective, which reads token inputs) a row is
+    one chunk at every bag. ``len`` is the bag-1 batches of one epoch, rounded down to whole optimizer steps (the
     Trainer's epoch arithmetic assumes a fixed length and accumulates within it); every iteration yields that many,
     continuing the stream.
     """
 
     def __init__(self, num_chunks: int, batch_size: int, schedule: PhaseSchedule, grad_accum: int = 1, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        bags = schedule.bags()
+                 rank: int = 0, world_size: int = 1, whole_bags: bool = True):
+        self.whole_bags = whole_bags
+        bags = [self.row_chunks(bag) for bag in schedule.bags()]
         if any(before % after for before, after in zip(bags, bags[1:])):
             raise SuperposeError(f"TSTTrainer needs each bag to divide the bag before it (e.g. 8, 4, 1), got "
                                  f"{', '.join(map(str, bags))}")
@@ -87,13 +93,17 @@ class TSTBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.seek(0)
 
+    def row_chunks(self, bag: int) -> int:
+        """Chunks in a row at this bag."""
+        return bag if self.whole_bags else 1
+
     def chunks_read(self, step: int) -> int:
         """Stream positions (chunks, all ranks together) that ``step`` optimizer steps read."""
         total, start = 0, 0
         for stage, end in zip(self.schedule.stages, self.schedule.ends):
-            total += stage.bag * max(0, min(step, end) - start)
+            total += self.row_chunks(stage.bag) * max(0, min(step, end) - start)
             start = end
-        total += self.schedule.stages[-1].bag * max(0, step - start)  # past the schedule: its last bag
+        total += self.row_chunks(self.schedule.stages[-1].bag) * max(0, step - start)  # past the schedule: last bag
         return total * self.rows * self.grad_accum
 
     def epoch(self, step: int) -> float:
@@ -122,9 +132,9 @@ class TSTBatchSampler(Sampler[list[int]]):
         return head + blocks[:, None] * self.block + offset + np.arange(bag)
 
     def _advance(self) -> list[int]:
-        bag = self.bag()
-        ids = self.rows_at(self.position, bag)[self.own_rows]
-        self.position += self.rows * bag
+        chunks = self.row_chunks(self.bag())
+        ids = self.rows_at(self.position, chunks)[self.own_rows]
+        self.position += self.rows * chunks
         self.micro_step += 1
         return ids.ravel().tolist()
 
@@ -137,7 +147,8 @@ class TSTBatchSampler(Sampler[list[int]]):
 
 
 class TSTDataCollator:
-    """Stack ``batch_size * bag`` chunks into windows ``[batch_size, bag*T]``; the bag rides along in the batch."""
+    """Stack ``batch_size * bag`` chunks into windows ``[batch_size, bag*T]``; the bag (chunks per row) rides along
+    in the batch."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
@@ -168,11 +179,25 @@ class TSTTrainer(Trainer):
     :class:`TSTBatchSampler` (seeded by ``args.data_seed`` or ``args.seed``); resuming repositions the sampler from
     the step count, so the Trainer's own batch skipping is turned off. ``total_flos`` counts the positions the model
     runs (``L`` per row at every bag), so a TST run and its baseline cost the same per step, as they do.
+
+    ``mode``, ``weighting``, ``alpha``, ``rescale_mean``, ``loss_chunk`` and ``compile_loss`` are the trainer's
+    ``tst.*`` and ``train.loss_chunk``/``train.compile`` options: a batch is scored by the trainer's own
+    :class:`~superpose.train.objective.LMObjective`. In ``output`` mode a row is one chunk of ``T`` tokens, scored on
+    its first ``T - bag`` positions (inputs are tokens, so no row needs ``bag`` chunks).
     """
 
     def __init__(self, *args: Any, bag: int = 4, ratio: float = 0.3,
-                 stages: Sequence[Stage | tuple[int | float, int]] | None = None, **kwargs: Any):
+                 stages: Sequence[Stage | tuple[int | float, int]] | None = None, mode: str = "both",
+                 weighting: str = "uniform", alpha: float = 1.0, rescale_mean: bool = False, loss_chunk: int = 0,
+                 compile_loss: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if mode not in MODES:
+            raise SuperposeError(f"TSTTrainer mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.tst_mode = mode
+        self._objective_options = dict(rescale_mean=rescale_mean, weighting=weighting, alpha=alpha,
+                                       loss_chunk=loss_chunk, compile_loss=compile_loss)
+        check_trainable(self.model)  # a family TST cannot drive (or whose logit map the loss does not know): one line
+        self.tst_objective = LMObjective(self.model, **self._objective_options)
         steps = self.args.max_steps
         if steps <= 0:
             raise SuperposeError("TSTTrainer needs TrainingArguments(max_steps=...): the phase schedule counts steps")
@@ -188,7 +213,7 @@ class TSTTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.tst_sampler = TSTBatchSampler(len(data), self._train_batch_size, self.tst_schedule,
                                            self.args.gradient_accumulation_steps, seed, self.args.process_index,
-                                           self.args.world_size)
+                                           self.args.world_size, whole_bags=mode != "output")
         self.args.ignore_data_skip = True
         self.loss_is_scaled_for_ga = False  # the loss is a per-batch mean
         self.add_callback(TSTCallback(self.tst_sampler))
@@ -208,39 +233,49 @@ class TSTTrainer(Trainer):
             logs["bag"] = self.tst_schedule.bag_at(self.state.global_step - 1)
         super().log(logs, *args, **kwargs)
 
+    def tst_bag(self, inputs: dict[str, Any]) -> int:
+        """The bag of a training batch: its chunks per row, or in ``output`` mode (a row is one chunk) the bag of the
+        step being taken (the Trainer counts ``global_step`` up after the step's last micro-batch)."""
+        return self.tst_schedule.bag_at(self.state.global_step) if self.tst_mode == "output" else inputs["bag"]
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's 6 * parameters * tokens, over the ``L`` positions per row the model runs, not the ``bag``
         times more tokens it reads."""
         if "bag" not in inputs:
             return super().floating_point_ops(inputs)
-        ids = inputs["input_ids"]
-        return super().floating_point_ops({"input_ids": ids[:, : ids.shape[1] // inputs["bag"] - 1]})
+        positions = split_window(inputs["input_ids"], self.tst_bag(inputs), self.tst_mode)[1].shape[1]
+        return super().floating_point_ops({"input_ids": inputs["input_ids"][:, :positions]})
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The TST objective on a window batch; batches without a bag (evaluation) get the plain causal-LM loss.
 
-        The bag means are made inside the model's own forward (a hook on its input embedding averages each bag's
-        embeddings), so DDP and FSDP see one ordinary forward with every parameter, sharded ones gathered.
+        The trainer's :class:`LMObjective` runs as the model's own forward (``model`` may be a DDP/FSDP wrapper
+        around it), so the wrapper sees one ordinary forward with every parameter, sharded ones gathered; the
+        Accelerator's autocast wraps it as it wraps the model's forward. The MoE router loss is added with the
+        model's ``router_aux_loss_coef``, as the trainer adds it.
         """
         if "bag" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        bag = inputs["bag"]
-        input_ids, targets = split_window(inputs["input_ids"], bag)
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.tst_objective.lm is not unwrapped:  # a model_init run built a new model
+            self.tst_objective = LMObjective(unwrapped, **self._objective_options)
+        with self.accelerator.autocast(), _forward_as(unwrapped, self.tst_objective.forward):
+            out = model(inputs["input_ids"], self.tst_bag(inputs), self.tst_mode)
+        loss = out.loss if out.aux is None else out.loss + self.tst_objective.aux_coef * out.aux
+        return (loss, out) if return_outputs else loss
 
-        def bag_means(module: torch.nn.Module, args: Any, embeds: torch.Tensor) -> torch.Tensor:
-            return embeds if bag == 1 else embeds.unflatten(1, (-1, bag)).mean(2)
 
-        hook = unwrapped.get_input_embeddings().register_forward_hook(bag_means)
-        try:
-            outputs = model(input_ids=input_ids, use_cache=False)
-        finally:
-            hook.remove()
-        loss = multi_hot_cross_entropy(outputs.logits, targets)
-        from ..models import router_aux_loss  # the trainer's definition too
-
-        aux = router_aux_loss(unwrapped, outputs)  # MoE router balance, as the model adds it to its own loss
-        if aux is not None:
-            loss = loss + unwrapped.config.router_aux_loss_coef * aux
-        return (loss, outputs) if return_outputs else loss
+@contextmanager
+def _forward_as(module: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` runs ``forward`` for the duration (an instance attribute over the class's ``forward``, and
+    over the Accelerator's own wrapper, which is put back after)."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved

@@ -1,14 +1,14 @@
 """Any other decoder-only transformers causal LM: its config from a config.json, a folder or a hub name
 (``model.config``), or a model folder with its weights (``model.init_from``); families the TST input path cannot
-drive are refused in one line (:func:`check_trainable`)."""
+drive are refused in one line (:func:`check_trainable`), and the map some families apply to their logits after the
+head is found for the loss (:func:`logit_map`)."""
 
 from __future__ import annotations
 
 import copy
 import inspect
-import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,13 +19,29 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
 from superpose.errors import SuperposeError
+from superpose.losses import LogitMap
 from superpose.files import first_line
+from superpose.hub import quiet_hub
 
 
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
-"""Config fields with which a causal LM changes its logits after the LM head (Gemma 2's soft cap, Cohere's and
-Granite's scales), and the value that leaves them alone. TST scores the head's own output (fused with the loss when
-``train.loss_chunk`` is set), so such a model would train on other logits than it serves with."""
+_LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                 "lm_head_multiplier": 1.0, "logits_soft_cap": None, "output_logit_soft_cap": None,
+                 "logits_mup_width_multiplier": 1.0, "output_multiplier": 1.0}
+"""Config fields with which transformers' causal LMs change their logits after the LM head (or scale the head's
+input), and the value that leaves them alone."""
+
+_SOFTCAP = ("gemma2", "gemma3_text")
+_TIMES = ("cohere", "cohere2")
+_OVER = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
+_LOGIT_MAPS: dict[tuple[str, str], Callable[[float], LogitMap]] = {
+    **{(kind, "final_logit_softcapping"): lambda cap: LogitMap(softcap=float(cap)) for kind in _SOFTCAP},
+    **{(kind, "logit_scale"): lambda scale: LogitMap(scale=float(scale)) for kind in _TIMES},
+    **{(kind, "logits_scaling"): lambda scale: LogitMap(scale=1.0 / scale) for kind in _OVER},
+}
+"""The maps the TST loss applies, by (model_type, field), as each family's modeling code (transformers 5.x) applies
+them to ``logits = lm_head(h)``: Gemma 2/3 ``c * tanh(logits / c)``, Cohere ``logits * logit_scale``, Granite
+``logits / logits_scaling``. A field is family-specific (HyperCLOVA X multiplies by its ``logits_scaling``; MPT
+ignores its ``logit_scale``), so a field of another family is refused rather than guessed."""
 
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -130,18 +146,15 @@ def pretrained_config(folder: str, vocab_size: int, overrides: dict[str, object]
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No progress bars, load reports or hub retry logs from transformers while it loads or saves for us: our own
-    progress and one-line errors say what matters."""
+    """No progress bars or load reports from transformers while it loads or saves for us, and no hub retry logs
+    (:func:`superpose.hub.quiet_hub`): our own progress and one-line errors say what matters."""
     shown, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hub = logging.getLogger("huggingface_hub")
-    hub_level = hub.level
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    hub.setLevel(logging.ERROR)
     try:
-        yield
+        with quiet_hub():
+            yield
     finally:
-        hub.setLevel(hub_level)
         hf_logging.set_verbosity(level)
         if shown:
             hf_logging.enable_progress_bar()
@@ -186,7 +199,8 @@ def _shape_mismatch(folder: Path, config: PretrainedConfig) -> str | None:
 
 def check_trainable(model: PreTrainedModel) -> None:
     """Refuse, in one line, a model the TST input path cannot drive: TST feeds bag means to the backbone as
-    ``inputs_embeds`` and scores the LM head's output, so it needs both embeddings and unaltered head logits."""
+    ``inputs_embeds`` and scores the LM head's output, so it needs both embeddings and a linear head whose logits
+    are left alone or changed by a map the loss knows (:func:`logit_map`)."""
     kind, backbone = model.config.model_type, model.base_model
     if backbone is model or "inputs_embeds" not in inspect.signature(backbone.forward).parameters:
         raise SuperposeError(f"model family {kind}: its backbone takes no inputs_embeds, so TST cannot feed it "
@@ -201,9 +215,21 @@ def check_trainable(model: PreTrainedModel) -> None:
     if type(embedding).forward is not torch.nn.Embedding.forward and not hasattr(embedding, "embed_scale"):
         raise SuperposeError(f"model family {kind}: its embedding module ({type(embedding).__name__}) changes "
                              f"lookups in a way TST's bag means do not reproduce")
-    for name, identity in _LOGIT_TRANSFORMS.items():
-        value = getattr(model.config, name, identity)
-        if value != identity:
+    logit_map(model.config)
+
+
+def logit_map(config: PretrainedConfig) -> LogitMap:
+    """The map the model applies to its LM head's logits, which the TST loss applies too (fused with the loss, in the
+    gradient as well); a map it does not know is refused in one line, naming the field."""
+    kind, found = config.model_type, LogitMap()
+    for name, identity in _LOGIT_FIELDS.items():
+        value = getattr(config, name, identity)
+        if value is None or value == identity:
+            continue
+        known = _LOGIT_MAPS.get((kind, name))
+        if known is None:
             neutral = "null" if identity is None else identity
             raise SuperposeError(f"model family {kind}: it changes its logits after the LM head ({name} = {value}), "
-                                 f"which the TST loss does not apply; set {name} to {neutral} in its config.json")
+                                 f"a map the TST loss does not know; set {name} to {neutral} in its config.json")
+        found = known(value)  # each family has one such field
+    return found

@@ -109,8 +109,8 @@ class TrainModule:
         seed = cfg.seed if init and not pretrained else None
         if not self.sharded:  # DDP and one process wrap real weights
             self._materialize(seed, pretrained)
-        self.objective = apply_parallelism(LMObjective(self.model, cfg), self.model, train.parallel, info, device,
-                                           use_bf16 and self.sharded, train.replicas)
+        self.objective = apply_parallelism(LMObjective.from_config(self.model, cfg), self.model, train.parallel, info,
+                                           device, use_bf16 and self.sharded, train.replicas)
         if self.sharded:
             self._materialize(seed, pretrained)
         o = cfg.optim
