@@ -2,6 +2,7 @@
 it was read, exact forking, matched FLOPs, report contents and provenance, one tiny compare and sweep end to end,
 and bad input as one line with exit code 2 before anything is written."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -31,9 +32,10 @@ from superpose.compare import (
 )
 from superpose.compare.isoloss import at_steps, family_lengths
 from superpose.compare.plan import SECTION_DEFAULTS
-from superpose.compare.runs import BASELINE_TST, check_warmup_fits, derive
+from superpose.compare.jobs import BASELINE_TST, check_warmup_fits, derive
 from superpose.errors import SuperposeError
-from superpose.train.config import TSTConfig, load_config
+from superpose.train.config import TSTConfig
+from superpose.train.config_load import load_config
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 
@@ -159,6 +161,16 @@ def test_summaries_average_seeds_and_keep_bounds():
     mixed = summarize([_arm(0.9), _arm(4.0, ">")])
     assert mixed["bounded"] and mixed["speedup_text"] == "mixed: 0.90x, > 4.00x"
     assert summarize([_arm(1.1)])["spike_height_mean"] is None
+
+
+def test_an_arm_is_what_summarize_reads():
+    """The pure arithmetic declares what it reads of an arm (a Protocol) instead of importing the results module;
+    the arm the results build must keep those fields, with the same types."""
+    from superpose.compare.isoloss import ArmResult
+    from superpose.compare.results import Arm
+
+    fields = {f.name: f.type for f in dataclasses.fields(Arm)}
+    assert {name: fields.get(name) for name in ArmResult.__annotations__} == ArmResult.__annotations__
 
 
 def _summary(label, mean, std, seeds=2, bounded=False, text=None, mode="both"):

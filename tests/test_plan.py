@@ -11,13 +11,27 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import make_tiny_config, run_error
+import superpose.compare.plan
+import superpose.compare.runner
 from superpose.cli import main
-from superpose.compare import IsoLoss, compare, iso_loss_partial, iso_loss_steps, variants_for, write_report
+from superpose.compare import (
+    IsoLoss,
+    compare,
+    iso_loss_partial,
+    iso_loss_steps,
+    launch_order,
+    plan_jobs,
+    run_jobs,
+    variants_for,
+    write_report,
+)
 from superpose.compare.plan import write_plan
 from superpose.errors import SuperposeError
 from superpose.train.config_load import load_config
@@ -174,6 +188,44 @@ def test_run_local_does_not_start_forks_of_a_failed_trunk(tiny_config, tmp_path)
     assert done.returncode == 1
     assert "seed-0/baseline-4: not started: seed-0/trunk ended without writing" in done.stderr
     assert {e[1] for e in events if e[0] == "start"} == {"trunk", "s4-r0.5-T8"}
+
+
+def test_compare_and_the_launchers_start_jobs_in_one_order(tiny_config, tmp_path, monkeypatch):
+    """The order of starts is derived from the job list and its ``after`` alone, in one place: a plan whose list is
+    permuted and one of whose dependencies is altered starts in the same, changed, order in this process, in
+    run_local.sh and in slurm.sh."""
+    base = tiny_config("cmp", train={"steps": 8})
+    jobs = plan_jobs(base, variants_for(base, ("both",)), 2, (0.5, 1.0), tmp_path / "runs")
+    arm0, arm1 = "seed-0/s4-r0.5-T8", "seed-1/s4-r0.5-T8"
+    assert [j.id for j in jobs] == [f"seed-{s}/{n}" for s in (0, 1) for n in ("trunk", "baseline-4", "baseline-8",
+                                                                              "s4-r0.5-T8")]
+    altered = [replace(j, after=arm1) if j.id == "seed-0/trunk" else j for j in reversed(jobs)]
+    expected = [arm1, "seed-1/trunk", arm0,  # wait for none, in the altered list's order
+                "seed-1/baseline-8", "seed-1/baseline-4", "seed-0/trunk",  # wait for one of those
+                "seed-0/baseline-8", "seed-0/baseline-4"]  # wait for seed-0's trunk, which now waits itself
+
+    trained = []
+    monkeypatch.setattr(superpose.compare.runner, "train", lambda cfg, **_: trained.append(
+        f"seed-{cfg.seed}/{cfg.name}") or SimpleNamespace(stopped=False))
+    run_jobs(altered, progress=False)
+
+    monkeypatch.setattr(superpose.compare.plan, "plan_jobs", lambda *args: altered)
+    folder, plan = _plan(tmp_path, base, seeds=2)
+    assert [j["id"] for j in plan["jobs"]] == [j.id for j in altered]  # plan.json holds the altered description
+    done, _ = _local(tmp_path, folder)
+    assert done.returncode == 0, done.stderr
+    started = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("start ")]
+    submitted = [line.split()[1] for line in (folder / "slurm.sh").read_text().splitlines()
+                 if line.startswith("submit ")]
+    assert trained == started == submitted == expected
+
+
+def test_launch_order_refuses_a_broken_graph():
+    assert launch_order({"b": "a", "a": "", "c": ""}) == ["a", "c", "b"]
+    with pytest.raises(ValueError, match="not a job of the plan"):
+        launch_order({"b": "a"})
+    with pytest.raises(ValueError, match="in a circle: a -> b -> a"):
+        launch_order({"a": "b", "b": "a"})
 
 
 def test_every_paper_config_plans(tmp_path, monkeypatch):

@@ -17,9 +17,11 @@ Runs live in ``RUNS/seed-N/NAME``; a finished run whose config matches is reused
 a trunk is extended to the fork steps a longer comparison needs, so comparisons that share a runs folder (a sweep, a
 trend study over run lengths) train each baseline and the trunk's steps once.
 
-Modules: ``isoloss`` (the arithmetic: pure, no files, no torch), ``runs`` (the family and the arms as jobs, through
-the trainer's public API), ``report`` (Markdown, JSON, plots), ``grid`` (the sweep over a bag x ratio grid), ``plan``
-(the jobs as run configs, a dependency graph and launchers for a cluster; the report of whatever has finished).
+Modules: ``isoloss`` (the arithmetic: pure, no files, no torch), ``jobs`` (the family and the arms as jobs, what
+each waits for, and the one order they start in), ``runner`` (the jobs trained in this process, through the
+trainer's public API), ``results`` (the finished runs read into a comparison), ``report`` (Markdown, JSON, plots),
+``grid`` (the sweep over a bag x ratio grid), ``plan`` (the jobs as run configs, a dependency graph and launchers for
+a cluster; the report of whatever has finished).
 The pure names are imported here at once, the others on first use, so ``superpose.compare.isoloss`` and
 ``DEFAULT_FAMILY`` (read by the CLI's parser) load without torch.
 """
@@ -42,8 +44,9 @@ from .isoloss import (
 )
 
 _LAZY = {
-    "runs": ("Arm", "Comparison", "Job", "Member", "Variant", "collect", "compare", "plan_jobs", "variant_label",
-             "variants_for"),
+    "jobs": ("Job", "Variant", "launch_order", "plan_jobs", "variant_label", "variants_for"),
+    "runner": ("compare", "run_jobs"),
+    "results": ("Arm", "Comparison", "Member", "collect"),
     "report": ("provenance", "report_markdown", "write_report"),
     "grid": ("grid_variants", "sweep", "sweep_extras"),
     "plan": ("collect_plan", "load_comparison", "read_plan", "write_plan"),

@@ -11,7 +11,9 @@ from ..errors import SuperposeError
 from ..train.config import RunConfig
 from .isoloss import DEFAULT_FAMILY
 from .report import markdown_table
-from .runs import Comparison, Variant, compare, variants_for
+from .jobs import Variant, variants_for
+from .results import Comparison
+from .runner import compare
 
 
 def grid_variants(base: RunConfig, bags: Sequence[int], ratios: Sequence[float]) -> tuple[list[Variant], dict]:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import SuperposeError
-
-if TYPE_CHECKING:
-    from .runs import Arm
 
 DEFAULT_FAMILY = (0.5, 1.0, 2.0, 4.0)
 """Baseline lengths as multiples of the TST run's steps; the CLI's ``--family`` default."""
@@ -134,7 +131,21 @@ def _mean_or_none(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def summarize(arms: Sequence[Arm]) -> dict[str, Any]:
+class ArmResult(Protocol):
+    """What :func:`summarize` reads of one finished TST arm (``results.Arm`` is one): declared here, so the pure
+    arithmetic imports nothing from the modules that read runs."""
+
+    label: str
+    mode: str
+    speedup: float
+    bound: str
+    final_val_loss: float
+    wall_speedup: float
+    gpu_hours_speedup: float
+    spike: dict[str, Any]
+
+
+def summarize(arms: Sequence[ArmResult]) -> dict[str, Any]:
     """Mean and spread (sample std) over seeds of one variant; bounds are kept as bounds, never averaged."""
     values = [a.speedup for a in arms]
     losses = [a.final_val_loss for a in arms]

@@ -6,7 +6,8 @@ for, the checkpoint it forks from and the step that checkpoint is written at), `
 (one run config per job, trained with ``superpose train CONFIG --resume``) and ``job.sbatch`` beside it,
 ``run_local.sh`` (every job on this machine, one after another or ``-j N`` at a time), ``torchrun.sh JOB`` and
 ``slurm.sh`` (every job submitted with sbatch; a fork after its trunk), and ``runs/`` unless ``--runs`` says where.
-The jobs are the ones the in-process ``compare`` trains, in the same order, so both give the same numbers.
+The jobs are the ones the in-process ``compare`` trains (``jobs.plan_jobs``), started in the same order
+(``jobs.launch_order``, from the jobs' ``after`` alone), so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any, Sequence
 
 from ..errors import SuperposeError
 from ..files import atomic_dir, read_json_object, require_empty
-from ..train.config import RunConfig, config_from_dict, read_toml
+from ..train.config import RunConfig
+from ..train.config_load import config_from_dict, read_toml
 from .isoloss import DEFAULT_FAMILY
-from .runs import Comparison, Job, Variant, check_comparison, collect, plan_jobs
+from .jobs import Job, Variant, check_comparison, launch_order, plan_jobs
+from .results import Comparison, collect
 
 SECTION_DEFAULTS: dict[str, Any] = {"seeds": 1, "family": list(DEFAULT_FAMILY), "ablation": ["both"],
                                     "bags": [2, 4, 8], "ratios": [0.1, 0.2, 0.3], "gpus": 1, "nodes": 1}
@@ -66,10 +69,15 @@ def _job_json(job: Job, config: Path, gpus: int, nodes: int) -> dict[str, Any]:
             "torchrun": f"torchrun --nnodes {nodes} --nproc_per_node {gpus} -m {train}"}
 
 
+def _in_launch_order(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's jobs in the order every launcher starts them (the in-process compare too)."""
+    by_id = {job["id"]: job for job in plan["jobs"]}
+    return [by_id[i] for i in launch_order({job["id"]: job["after"] for job in plan["jobs"]})]
+
+
 def _run_local(plan: dict[str, Any]) -> str:
-    ready_first = sorted(plan["jobs"], key=lambda j: bool(j["after"]))  # forks last: they wait for their trunk
     starts = "\n".join(f"start {_sh(j['id'])} {_sh(j['config'])} {_sh(j['after'])} {_sh(j['fork_from'])}"
-                       for j in ready_first)
+                       for j in _in_launch_order(plan))
     return f"""#!/usr/bin/env bash
 # Train every run of this plan on this machine, in dependency order: one after another, or -j N at a time. A
 # baseline forked from its trunk starts once the trunk has written the checkpoint it starts from. Every run is
@@ -167,7 +175,7 @@ exit "$rc"
 
 def _slurm(plan: dict[str, Any]) -> str:
     submits = "\n".join(f"submit {_sh(j['id'])}" + (f" {_sh(j['after'])}" if j["after"] else "")
-                        for j in plan["jobs"])
+                        for j in _in_launch_order(plan))
     return f"""#!/usr/bin/env bash
 # Submit every run of this plan to SLURM: bash slurm.sh [SBATCH OPTIONS...] (e.g. --partition=gpu --time=24:00:00,
 # given to every job). A baseline forked from its seed's trunk starts after the trunk (afterok): the makespan is the

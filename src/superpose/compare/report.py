@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from .. import plots
 from ..provenance import provenance
 from .isoloss import format_speedup
-from .runs import Comparison, Member
+from .results import Comparison, Member
 
 METHOD = (
     "Iso-loss speedup = (baseline steps that reach the TST run's final validation loss) / (TST steps). All runs share "
