@@ -48,9 +48,7 @@ def measure(data: Path, bag: int, preset: str, batch: int, seq_len: int, blocks_
             "eval": {"every": 0, "batches": 1}, "checkpoint": {"every": 0},
         })
         result = train(cfg, progress=False)
-        rows = read_metrics(result.run_dir / "metrics.jsonl")
-    for prev, r in zip([{"text_tokens": 0}, *rows], rows):
-        r["dt"] = (r["text_tokens"] - prev["text_tokens"]) / r["tokens_per_s"]
+        rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "step_time" in r]  # not the warm-up
 
     def per_block(b: int, key: str) -> list[float]:
         """Median of ``key`` in each block at bag ``b``, its first ``skip`` steps dropped; the first block dropped."""
@@ -58,7 +56,7 @@ def measure(data: Path, bag: int, preset: str, batch: int, seq_len: int, blocks_
                 for i in range(2 * blocks_n) if (i % 2 == 0) == (b == bag)]
         return [statistics.median(x) for x in kept[1:]]
 
-    times = {b: per_block(b, "dt") for b in (bag, 1)}
+    times = {b: per_block(b, "step_time") for b in (bag, 1)}
     rates = {b: per_block(b, "tokens_per_s") for b in (bag, 1)}
     pairs = [t / u for t, u in zip(times[bag], times[1])]  # each phase-1 block against the baseline block after it
     out = {b: {"blocks": len(times[b]), "step_time_s": statistics.median(times[b]),

@@ -24,10 +24,10 @@ from superpose.export import export
 from superpose.models import build_model
 from superpose.train.checkpoint import list_checkpoints
 from superpose.train.config_load import config_from_dict
-from superpose.train.distributed import DistInfo, any_rank, init_distributed, shutdown
+from superpose.train.distributed import DistInfo, init_distributed, shutdown
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
-from superpose.train.step import StepInterrupted, TrainModule
+from superpose.train.step import TrainModule
 
 pytestmark = pytest.mark.slow
 
@@ -182,12 +182,19 @@ def train_scenario(info, **train):
            "full_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
     local = BATCH // info.world_size
     rows = slice(info.rank * local, (info.rank + 1) * local)
-    for step, bag in enumerate(BAGS):
-        def between():
+    forwards = [0]
+
+    def loss(*args):  # before every micro-batch after a step's first: what a rank holds between micro-batches
+        if forwards[0] % (local // module.cfg.micro_batch_size(info.world_size)):
             out["held"].append(held_gradient_bytes(module))
-            return False
-        result = module.train_step(global_window(step, bag)[rows], bag, 1e-3, should_stop=between)
+        forwards[0] += 1
+        return TrainModule.loss(module, *args)
+
+    module.loss = loss
+    for step, bag in enumerate(BAGS):
+        result = module.train_step(global_window(step, bag)[rows], bag, 1e-3)
         out["losses"].append(result.to_host())
+    del module.loss
     out["eval"] = module.eval_loss(validation())
     return out
 
@@ -208,26 +215,7 @@ def build_memory_scenario(info, model, vocab=VOCAB, **train):
             "local_kib": sum(p.numel() * p.element_size() for p in local) // 1024}
 
 
-def interrupt_scenario(info, **train):
-    """SIGTERM reaches rank 0 only, during micro-batch 2: the ranks agree, abandon the step at the same micro-batch,
-    and the step run again afterwards is the one an uninterrupted run takes."""
-    module = TrainModule(module_config(world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
-    local = BATCH // info.world_size
-    rows = slice(info.rank * local, (info.rank + 1) * local)
-    asked = []
-
-    def should_stop():
-        asked.append(True)
-        return any_rank(info.rank == 0 and len(asked) == 2, info)
-
-    try:
-        module.train_step(global_window(0, BAGS[0])[rows], BAGS[0], 1e-3, should_stop=should_stop)
-    except StepInterrupted:
-        pass
-    return {"asked": len(asked), "step": module.train_step(global_window(0, BAGS[0])[rows], BAGS[0], 1e-3).to_host()}
-
-
-SCENARIOS = {"train": train_scenario, "build_memory": build_memory_scenario, "interrupt": interrupt_scenario}
+SCENARIOS = {"train": train_scenario, "build_memory": build_memory_scenario}
 
 
 def _rank_main(rank, world, port, out_dir, scenario, kwargs):
@@ -302,10 +290,3 @@ def test_sharded_build_allocates_only_each_ranks_shard(tmp_path):
     assert single["local_kib"] == single["model_kib"]
     assert sum(rank["local_kib"] for rank in sharded) == pytest.approx(single["model_kib"], abs=2)
     assert all(rank["local_kib"] <= 0.51 * single["model_kib"] for rank in sharded), (single, sharded)
-
-
-def test_stop_between_micro_batches_agrees_across_ranks(one_process, tmp_path):
-    ranks = spawn(2, tmp_path, "interrupt", parallel="fsdp", micro_batch_size=1)
-    assert [r["asked"] for r in ranks] == [2, 2]  # both abandoned before micro-batch 3 of 4
-    for rank in ranks:
-        assert all(rank["step"][k] == pytest.approx(one_process["losses"][0][k], abs=1e-5) for k in rank["step"])

@@ -13,8 +13,9 @@ from conftest import make_tiny_config
 from safetensors.torch import load_file
 
 from superpose.errors import TrainingStopped
+from superpose.train import loop
 from superpose.train.checkpoint import list_checkpoints
-from superpose.train.faults import KILL_ENV
+from superpose.train.faults import KILL_ENV, StopSignals
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 from superpose.train.step import TrainModule
@@ -165,3 +166,69 @@ def test_too_many_skips_in_a_row_stop(tiny_config, monkeypatch):
     cfg = tiny_config(train={"max_skips": 3})
     with pytest.raises(TrainingStopped, match="3 in a row"):
         train(cfg, progress=False)
+
+
+def test_the_stop_flag_is_agreed_once_per_step(tiny_config, monkeypatch):
+    """Ranks agree on a stop request at the step boundary only, not between micro-batches (4 per step here)."""
+    calls = []
+    real = loop.any_rank
+    monkeypatch.setattr(loop, "any_rank", lambda flag, info: calls.append(flag) or real(flag, info))
+    result = train(tiny_config(train={"micro_batch_size": 1}), progress=False)
+    assert result.steps == 12 and len(calls) == 1 + 12  # the run folder's lock, then once per step
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_repeated_sigterm_is_ignored_while_stopping():
+    """SLURM signals every process of the step and torchrun forwards its own: repeats must not kill the worker
+    (in a child process: a repeat that kills would take pytest with it)."""
+    child = run_python(
+        "import os, signal, time\n"
+        "from superpose.train.faults import StopSignals\n"
+        "with StopSignals() as signals:\n"
+        "    for _ in range(3):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.05)\n"
+        "    print(signals.name)\n"
+        "print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\n")
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["SIGTERM", "True"]  # stopping, alive; the default handler back afterwards
+
+
+def test_second_sigint_interrupts_at_once():
+    """Ctrl-C asks for a stop after the step; Ctrl-C again is a person who wants out: KeyboardInterrupt."""
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert signals.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_stop_still_leaves_the_checkpoint(tiny_config, tmp_path):
+    """A run that receives SIGTERM twice after step 3 (a callback sends them: the second arrives while the stop is
+    in progress) still writes step 3's checkpoint and reports the stop."""
+    cfg = tiny_config("twice")
+    path = tmp_path / "twice.toml"
+    path.write_text(cfg.to_toml())
+    child = run_python(
+        "import os, signal, time\n"
+        "from superpose.train.callbacks import Callback\n"
+        "from superpose.train.config_load import load_config\n"
+        "from superpose.train.loop import train\n"
+        "class TermTwice(Callback):\n"
+        "    def post_step(self, done, result):\n"
+        "        for _ in range(2 if done == 3 else 0):\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(0.05)\n"
+        f"result = train(load_config({str(path)!r}), progress=False, callbacks=[TermTwice()])\n"
+        "print(result.stopped, result.steps)\n")
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[-2:] == ["SIGTERM", "3"]
+    assert list_checkpoints(cfg.run_dir)[-1].name == "step-0000003"
+    assert [r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")][-1] == 3

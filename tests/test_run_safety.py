@@ -87,7 +87,7 @@ def test_log_lines_and_grouped_dashboard_tags(tiny_config, capsys):
 
 
 def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_config, monkeypatch):
-    """The whole loop (loader, prefetch, step, policy, stop check) on a step that logs nothing: no host read, so on
+    """The whole step (loader, prefetch, update, every callback) on a step that logs nothing: no host read, so on
     a GPU the host runs ahead of the device. Logged steps are the switch, the one after it and the last."""
     from superpose.train.loop import Trainer
     from test_step import HOST_READS
@@ -102,17 +102,17 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_config, mo
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    real = Trainer._train_one
+    real = Trainer._step
 
-    def train_one(self, step, *args):
-        counting[0] = not self._is_logged(step + 1)
+    def one_step(self, step):
+        counting[0] = not self.is_logged(step + 1)
         quiet_steps.extend([step + 1] if counting[0] else [])
         try:
-            return real(self, step, *args)
+            return real(self, step)
         finally:
             counting[0] = False
 
-    monkeypatch.setattr(Trainer, "_train_one", train_one)
+    monkeypatch.setattr(Trainer, "_step", one_step)
     cfg = tiny_config(train={"log_every": 12}, eval={"every": 0}, checkpoint={"every": 0})
     train(cfg, progress=False)
     assert quiet_steps == [1, 2, 3, 4, 5, 8, 9, 10, 11] and reads == []

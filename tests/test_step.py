@@ -1,5 +1,5 @@
-"""TrainModule on one CPU process: no host reads in a step, non-finite updates skipped on the device, a stop between
-micro-batches, sync-free expert load, the prefetcher, the profiler, distributed-ready eval."""
+"""TrainModule on one CPU process: no host reads in a step, non-finite updates skipped on the device, sync-free
+expert load, the prefetcher, the profiler, distributed-ready eval."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from superpose.errors import SuperposeError
 from superpose.train.config_load import config_from_dict
 from superpose.train.distributed import init_one_rank_group, is_sharded, shutdown
 from superpose.train.objective import expert_load
-from superpose.train.step import Prefetcher, StepInterrupted, TrainModule, profile_steps
+from superpose.train.step import Prefetcher, TrainModule, profile_steps
 
 VOCAB = 512
 
@@ -73,26 +73,6 @@ def test_nonfinite_update_is_skipped_on_the_device(monkeypatch):
     assert all(torch.equal(moments[k], state[k]) for k in moments)  # moments and the step count did not move
     assert module.train_step(window(4, 2), 4, 1e-3).finite
     assert module.optimizer.state_dict()["state"][0]["step"].item() == 2
-
-
-def test_should_stop_abandons_the_step_between_micro_batches():
-    module = make_module(micro_batch_size=1)
-    before = snapshot(module)
-    asked = []
-
-    def stop_on_second_ask() -> bool:
-        asked.append(True)
-        return len(asked) == 2
-
-    with pytest.raises(StepInterrupted):
-        module.train_step(window(4), 4, 1e-3, should_stop=stop_on_second_ask)
-    assert len(asked) == 2  # asked before micro-batches 2 and 3 of 4, never before the first
-    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())
-    assert all(p.grad is None for p in module.model.parameters()) and not module.optimizer.state
-    # the run goes on exactly as if the abandoned step had never started
-    again = module.train_step(window(4), 4, 1e-3).to_host()
-    fresh = make_module(micro_batch_size=1).train_step(window(4), 4, 1e-3).to_host()
-    assert again == fresh
 
 
 def test_expert_load_counts_routed_slots_without_bincount():

@@ -1,7 +1,9 @@
-"""The trainer end to end on CPU: metrics, checkpoints at the phase switch, exact resume, one code path at bag 1."""
+"""The trainer end to end on CPU: metrics, checkpoints at the phase switch, exact resume, one code path at bag 1,
+callbacks added from outside, a throughput window of training steps only."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from superpose.data.loader import WindowLoader
 from superpose.data.shards import open_dataset
 from superpose.errors import SuperposeError
 from superpose.models import build_model
+from superpose.train import callbacks, loop
+from superpose.train.callbacks import Callback
 from superpose.train.checkpoint import list_checkpoints, load_checkpoint
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
@@ -38,8 +42,10 @@ def test_run_logs_phases_and_checkpoints(tiny_config):
     assert len(set(flops)) == 1 and flops[0] > 0
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8, 12]
     assert result.final_val_loss == rows[-1]["val_loss"]
-    for key in ("lr", "grad_norm", "wall_time", "tokens_per_s"):
+    for key in ("lr", "grad_norm", "wall_time"):
         assert all(key in r for r in rows)
+    # throughput leaves the first (warm-up) step out: step 1's row, alone in its window, has none
+    assert "tokens_per_s" not in rows[0] and all("tokens_per_s" in r for r in rows[1:])
     names = [p.name for p in list_checkpoints(result.run_dir)]
     # periodic 4, 8 pruned to keep=2 -> both kept; the switch (6) and the final (12) are always kept
     assert names == ["step-0000004", "step-0000006", "step-0000008", "step-0000012"]
@@ -142,3 +148,74 @@ def test_compiled_blocks_train_across_the_phase_switch(tiny_config):
     assert [r["bag"] for r in rows] == [4] * 4 + [1] * 4
     for (_, x), (_, y) in zip(losses(plain.run_dir), losses(compiled.run_dir)):
         assert x == pytest.approx(y, abs=1e-4)
+
+
+class SwitchLosses(Callback):
+    """A monitor added from outside the loop: the train loss at every phase switch and at one step of its choice,
+    which it makes a logged step by wanting a row there."""
+
+    def __init__(self, switches: set[int], extra: int):
+        self.steps, self.seen = switches | {extra}, {}
+
+    def wants_row(self, done: int) -> bool:
+        return done in self.steps
+
+    def log_metrics(self, row: dict) -> None:
+        if row["step"] in self.steps:
+            self.seen[row["step"]] = row["train_loss"]
+
+
+def test_a_callback_added_through_train_gets_the_rows_it_wants(tiny_config):
+    quiet = {"train": {"log_every": 12}, "eval": {"every": 0}, "checkpoint": {"every": 0}}  # bag 4 -> 1 at step 6
+    plain = train(tiny_config("plain", **quiet), progress=False)
+    monitor = SwitchLosses({6}, extra=2)
+    watched = train(tiny_config("watched", **quiet), progress=False, callbacks=[monitor])
+    before = {r["step"]: r for r in read_metrics(plain.run_dir / "metrics.jsonl")}
+    rows = {r["step"]: r for r in read_metrics(watched.run_dir / "metrics.jsonl")}
+    assert sorted(before) == [6, 7, 12]  # the switch, the step after it (the spike line), the last
+    assert sorted(rows) == [2, 6, 7, 12]  # and the step the monitor asked for
+    assert monitor.seen == {step: rows[step]["train_loss"] for step in (2, 6)}
+    assert all(rows[step]["train_loss"] == before[step]["train_loss"] for step in before)  # it only watched
+
+
+def test_throughput_window_holds_training_steps_only(tiny_config, monkeypatch):
+    """On a clock that moves 1 s per step, 100 s in the first (warm-up) step and 1000 s in every evaluation and
+    checkpoint, every throughput figure is 1 s per step: none of that time is in a window."""
+    clock = [0.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def takes(seconds, real, first=None):
+        calls = [0]
+
+        def timed(*args, **kwargs):
+            clock[0] += first if first is not None and calls[0] == 0 else seconds
+            calls[0] += 1
+            return real(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(TrainModule, "train_step", takes(1.0, TrainModule.train_step, first=100.0))
+    monkeypatch.setattr(TrainModule, "eval_loss", takes(1000.0, TrainModule.eval_loss))
+    monkeypatch.setattr(loop, "save_checkpoint", takes(1000.0, loop.save_checkpoint))
+    cfg = tiny_config(train={"log_every": 2}, eval={"every": 2}, checkpoint={"every": 2})
+    rows = {r["step"]: r for r in read_metrics(train(cfg, progress=False).run_dir / "metrics.jsonl")}
+    assert sorted(rows) == [2, 4, 6, 7, 8, 10, 12] and all("val_loss" in rows[s] for s in (2, 4, 6, 8, 10, 12))
+    assert all(r["step_time"] == 1.0 for r in rows.values())
+    assert rows[4]["tokens_per_s"] == (rows[4]["text_tokens"] - rows[2]["text_tokens"]) / 2.0
+    assert rows[2]["positions_per_s"] == 4 * 16  # step 2 alone: one batch of B x L positions in 1 s
+
+
+def test_start_up_builds_the_model_and_parses_the_train_state_once(tiny_config, monkeypatch):
+    """The meta shell built to refuse a bad model is the one TrainModule wraps; a resume parses state.json once."""
+    from superpose.train import state, step
+
+    builds, parses = [], []
+    monkeypatch.setattr(loop, "build_model", lambda *a, _real=loop.build_model, **k: builds.append(a) or _real(*a, **k))
+    monkeypatch.setattr(step, "build_model", lambda *a, _real=step.build_model, **k: builds.append(a) or _real(*a, **k))
+    cfg = tiny_config(train={"steps": 4})
+    train(cfg, progress=False)
+    assert len(builds) == 1
+    real = state.TrainState.from_state_dict.__func__
+    monkeypatch.setattr(state.TrainState, "from_state_dict",
+                        classmethod(lambda cls, *a: parses.append(a) or real(cls, *a)))
+    shutil.rmtree(list_checkpoints(cfg.run_dir)[-1])
+    assert train(cfg, resume=True, progress=False).steps == 4 and len(parses) == 1

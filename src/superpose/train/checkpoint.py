@@ -203,6 +203,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     Works on plain, DDP and FSDP2-sharded models alike. Missing or damaged files (checked against the recorded
     SHA-256), shape mismatches and an optimizer state that does not cover the model are one-line errors.
     """
+    return _load(path, model, optimizer, info)[0]
+
+
+def resume_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      info: DistInfo = DistInfo()) -> TrainState:
+    """:func:`load_checkpoint` for a run that continues: the train state, from the one parse of state.json that
+    also checks the optimizer state against it."""
+    return _load(path, model, optimizer, info)[1]
+
+
+def _load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+          info: DistInfo) -> tuple[dict[str, Any], TrainState | None]:
+    """Restore in place; the saved state as a table, and parsed as a :class:`TrainState` when an optimizer is
+    restored too (a weights-only load, e.g. for export, does not need it)."""
     path = resolve_checkpoint(path)
     sharded = (path / "dcp").is_dir()
     needed = ["state.json"] + (["dcp/.metadata"] if sharded else ["model.safetensors"])
@@ -254,7 +268,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, AssertionError, SafetensorError,
             pickle.UnpicklingError, CheckpointException) as e:
         raise _mismatch(path, e) from None
-    return state
+    return state, progress
 
 
 def _check_optimizer_covers(path: Path, saved: dict[str, Any], progress: TrainState | None) -> None:

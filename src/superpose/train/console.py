@@ -1,7 +1,8 @@
 """What a person watching a run sees: a progress bar on a terminal, plain log lines everywhere else.
 
 Validation losses, phase switches (with the loss spike), skipped updates and epochs are printed as lines in every
-mode, ``--quiet`` included, so a log file of a batch job reads as a log, not as ``\\r``-joined progress bars.
+mode, ``--quiet`` included, so a log file of a batch job reads as a log, not as ``\\r``-joined progress bars; the
+callbacks that notice them (train/callbacks.py) say them here.
 """
 
 from __future__ import annotations
@@ -22,37 +23,28 @@ class Console:
         self.interactive = self.progress_on and sys.stderr.isatty()
         self.total = total
         self._bar = tqdm(total=total, initial=initial, desc=name, disable=not self.interactive, dynamic_ncols=True)
-        self._previous: dict[str, Any] | None = None
 
     def say(self, message: str) -> None:
         if self.is_main:  # tqdm.write keeps the bar intact and prints even when the bar is disabled
             self._bar.write(message, file=sys.stderr if self.interactive else sys.stdout)
 
-    def phase_change(self, row: dict[str, Any], switches: set[int]) -> None:
-        """At the first step of a new phase: the bag change and the loss jump it caused (the switch spike)."""
-        previous, self._previous = self._previous, row
-        if previous is None or row["step"] - 1 not in switches:
-            return
-        spike = row["train_loss"] - previous["train_loss"]
-        self.say(f"step {row['step']}: phase {previous['phase']} -> {row['phase']} (bag {previous['bag']} -> "
-                 f"{row['bag']}), train loss {previous['train_loss']:.3f} -> {row['train_loss']:.3f} "
-                 f"({spike:+.3f} nat)")
-
     def progress_only(self, step: int) -> None:
-        """Advance the bar on a step that read nothing back (no numbers to show)."""
+        """Advance the bar to ``step`` (every step; a logged step then shows its numbers)."""
         if self.interactive:
             self._bar.update(step - self._bar.n)
 
     def progress(self, row: dict[str, Any]) -> None:
-        """A logged step: its numbers on the bar, or a plain line off a terminal."""
+        """A logged step: its numbers on the bar, or a plain line off a terminal. A first step's row has no rate
+        (callbacks.Throughput leaves warm-up out)."""
+        rate = f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else None
         if self.interactive:
-            postfix = {"phase": row["phase"], "bag": row["bag"], "loss": f"{row['train_loss']:.3f}",
-                       "tok/s": f"{row['tokens_per_s']:.0f}"} | ({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {})
-            self._bar.set_postfix(postfix, refresh=False)
+            postfix = {"phase": row["phase"], "bag": row["bag"], "loss": f"{row['train_loss']:.3f}"}
+            postfix |= ({"tok/s": rate} if rate else {}) | ({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {})
             self._bar.update(row["step"] - self._bar.n)
+            self._bar.set_postfix(postfix)
         elif self.progress_on:
             self.say(f"step {row['step']}/{self.total}: phase {row['phase']} bag {row['bag']} "
-                     f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
+                     f"loss {row['train_loss']:.4f} lr {row['lr']:.2e}" + (f" {rate} tok/s" if rate else ""))
 
     def close(self) -> None:
         self._bar.close()

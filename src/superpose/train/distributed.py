@@ -131,7 +131,7 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when it is true on any (so all ranks take the same branch, e.g. stop after this step).
 
     The flag travels between hosts over gloo, never through the GPU: agreeing costs a network round trip and no
-    host-device sync, so a loop may ask every step or between micro-batches.
+    host-device sync, so the loop asks once every step.
     """
     if not info.enabled:
         return flag

@@ -25,18 +25,26 @@ def kill_point(point: str, step: int) -> None:
 class StopSignals:
     """Turn SIGTERM/SIGINT into a request the loop honours after the current step (checkpoint, then exit).
 
-    A second signal of the same kind while stopping is left to the default handler, so a user can still force it.
+    Repeats of SIGTERM while the stop is in progress are ignored: SLURM signals every process of a job step and
+    torchrun forwards its own copy, so a worker can receive two within milliseconds, and the default action of the
+    second would kill it before its checkpoint. The hard deadline is the scheduler's SIGKILL, which no handler can
+    delay. A second SIGINT is a person pressing Ctrl-C again: it gets the previous handler's answer
+    (``KeyboardInterrupt`` by default), so the run ends at once without a new checkpoint; checkpoints are written
+    atomically, so the last complete one is intact and ``--resume`` continues from it.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEATS_IGNORED = (signal.SIGTERM,)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.received is None:
+            self.received = signum
+        if signum not in self.REPEATS_IGNORED:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from transformers import PreTrainedModel
 
 from ..errors import SuperposeError
 from ..models import build_model, materialize, read_pretrained, use_causal_sdpa
@@ -75,14 +76,6 @@ class StepResult:
         return dict(zip(named, values))
 
 
-class StepInterrupted(Exception):
-    """``should_stop`` asked to stop between micro-batches: the step was abandoned, weights and optimizer untouched.
-
-    The run is exactly where it was before the step: save a checkpoint of the previous step (with the loader
-    position from before this step's batch) and exit.
-    """
-
-
 class TrainModule:
     """The model, its optimizer and the TST objective: ``train_step`` and ``eval_loss`` are all the loop calls.
 
@@ -90,13 +83,15 @@ class TrainModule:
     only its shard on ``device`` and, when ``init``, draws ``cfg.seed``'s weights for it: the same weights as a
     single process draws, or with ``model.init_from`` copies its shard of that folder's weights
     (:meth:`_load_pretrained`). ``init=False`` (resuming) leaves the weights for the checkpoint to fill.
+    ``model``: the meta-device shell start-up already built and checked (``RunInputs``), so a ``model.config`` or
+    ``init_from`` is read and the model built once; None builds it from ``cfg.model`` at ``vocab_size``.
     """
 
     def __init__(self, cfg: RunConfig, vocab_size: int, device: torch.device, info: DistInfo = DistInfo(),
-                 init: bool = True):
+                 init: bool = True, model: PreTrainedModel | None = None):
         self.cfg, self.device, self.info = cfg, device, info
         train = cfg.train
-        self.model = build_model(cfg.model.build_config(vocab_size), device="meta")
+        self.model = model if model is not None else build_model(cfg.model.build_config(vocab_size), device="meta")
         use_causal_sdpa(self.model)
         use_bf16 = train.dtype == "bf16" or (train.dtype == "auto" and device.type == "cuda")
         if train.activation_checkpointing:
@@ -150,15 +145,13 @@ class TrainModule:
         with self._autocast():
             return self.objective(window.to(self.device, non_blocking=True), bag, mode)
 
-    def train_step(self, window: torch.Tensor, bag: int, lr: float,
-                   should_stop: Callable[[], bool] | None = None) -> StepResult:
+    def train_step(self, window: torch.Tensor, bag: int, lr: float) -> StepResult:
         """Forward/backward over micro-batches of this rank's ``window`` rows, clip, step at ``lr``.
 
         Each rank's loss is the mean over its rows; the wrappers average gradients over ranks, so with equal rows
         per rank the update is the one a single process would make on the global batch. When the loss or the
         gradient norm is not finite the update is skipped and ``finite`` is False; what to do is the loop's policy.
-        ``should_stop`` is asked between micro-batches (it must answer alike on every rank, e.g. through
-        ``distributed.any_rank``); True abandons the step and raises :class:`StepInterrupted`.
+        A step runs to its end: a stop request is agreed at the step boundary (the loop), once per step.
         """
         self.model.train()
         for group in self.optimizer.param_groups:
@@ -167,9 +160,6 @@ class TrainModule:
         sums = torch.zeros(2, device=self.device)  # loss, router loss: summed over micro-batches, then ranks
         loads = []
         for i, chunk in enumerate(micro):
-            if i and should_stop is not None and should_stop():
-                self.optimizer.zero_grad(set_to_none=True)
-                raise StepInterrupted(f"stopped before micro-batch {i + 1} of {len(micro)}")
             out = self.loss(chunk, bag, self.cfg.tst.mode)
             objective = out.loss if out.aux is None else out.loss + self._aux_coef * out.aux
             with accumulation_context(self.objective, last=i == len(micro) - 1):
