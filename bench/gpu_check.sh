@@ -1,49 +1,115 @@
 #!/usr/bin/env bash
-# One GPU, one command, under 8 minutes on one H100/H200: the CUDA test cases, the trainer's throughput on two paper
-# shapes (MFU, memory, phase-1/baseline step time) and a short TST-vs-baseline compare in the time left. Every stage
-# writes JSON under bench/results/gpu/ with the GPU name, driver, torch and transformers versions; a failing stage is
-# reported and the next one still runs (exit code 1 at the end).
+# One GPU, one command, about 10 minutes on one H100/H200, from a fresh clone: the CUDA test cases, the trainer's
+# throughput on two paper shapes (MFU, memory, phase-1/baseline step time, the loss path) and a short
+# TST-vs-baseline compare in the time left. Every stage writes JSON under OUT with the GPU name, driver, torch and
+# transformers versions; OUT/summary.json lists every stage as passed, failed, timed_out or skipped.
 #
-#   bash bench/gpu_check.sh            # PYTHON=... to choose the interpreter (default .venv/bin/python)
+#   bash bench/gpu_check.sh                   # GPU: makes .venv if missing (CUDA torch + superpose[dev,bench])
+#   bash bench/gpu_check.sh --cpu --out DIR   # rehearsal: every stage on the CPU at toy size, the installed .venv
+#
+# Exit status: 2 when no GPU is usable (one line says why), 1 when a stage failed or ran past its time limit, 0
+# otherwise; a stage skipped because the budget is spent is reported in summary.json, not failed.
+# Environment: VENV (the environment, default .venv), PYTHON (the interpreter that makes it, default python3), BUDGET
+# (seconds for the stages after the install; default 540 on a GPU, 900 for the rehearsal).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+MODE=gpu
 OUT=bench/results/gpu
-BUDGET=${BUDGET:-470}  # seconds for everything; the compare gets what the first two stages leave
-mkdir -p "$OUT"
-status=0
-stage() { echo "== $1 ($((SECONDS))s)"; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) MODE=cpu ;;
+        --out) OUT=${2:?--out needs a folder}; shift ;;
+        *) echo "gpu_check: error: unknown argument $1 (usage: gpu_check.sh [--cpu] [--out DIR])" >&2; exit 2 ;;
+    esac
+    shift
+done
+VENV=${VENV:-.venv}
+PY=$VENV/bin/python
 
-stage "CUDA test cases"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/tests.xml" || status=1
-"$PY" - "$OUT" <<'PY' || status=1
-import json, sys, xml.etree.ElementTree as ET
-from pathlib import Path
-sys.path.insert(0, "bench")
-from gpu_throughput import gpu_environment
-from superpose.compare.report import provenance
-out = Path(sys.argv[1])
-cases = [{"test": f"{c.get('classname')}::{c.get('name')}", "seconds": float(c.get("time", 0)),
-          "outcome": next((child.tag for child in c if child.tag in ("failure", "error", "skipped")), "passed"),
-          "message": next((child.get("message") for child in c if child.tag in ("failure", "error")), None)}
-         for c in ET.parse(out / "tests.xml").iter("testcase")]
-(out / "tests.json").write_text(json.dumps({**provenance(), **gpu_environment(), "cases": cases}, indent=2))
-print(f"{sum(c['outcome'] == 'passed' for c in cases)} of {len(cases)} CUDA cases passed -> {out / 'tests.json'}")
-PY
-
-stage "throughput: llama-600m (all 32 layers), bag 1 vs 4"
-"$PY" bench/gpu_throughput.py configs/llama-600m-8gpu.toml --bag 4 --out "$OUT/throughput-llama-600m.json" || status=1
-
-stage "throughput: qwen3-moe-10b-a1b with 4 of its 24 layers, bag 1 vs 16"
-"$PY" bench/gpu_throughput.py configs/qwen3-moe-10b-a1b-8gpu.toml --layers 4 --accumulation 2 \
-    --out "$OUT/throughput-qwen3-moe-10b-a1b-4layers.json" || status=1
-
-left=$((BUDGET - SECONDS))
-stage "TST vs baseline compare in the ${left}s left"
-if [ "$left" -gt 90 ]; then
-    "$PY" bench/gpu_compare.py --budget "$left" --max-bytes 30000000 --out "$OUT/compare" || status=1
-else
-    echo "skipped: only ${left}s left"; status=1
+if [ "$MODE" = gpu ] && [ ! -x "$PY" ]; then  # a fresh clone: make the environment (an existing .venv is kept)
+    echo "== install: $VENV with the CUDA build of torch, then superpose[dev,bench]"
+    # plain `pip install torch` is the CUDA build on Linux x86_64 (README's torch==2.13.0 pins the CPU build)
+    "${PYTHON:-python3}" -m venv "$VENV" && "$VENV/bin/pip" install torch && "$VENV/bin/pip" install -e '.[dev,bench]' \
+        || { echo "gpu_check: error: install failed (remove $VENV and run again)" >&2; exit 2; }
 fi
-stage "done, exit $status"
+if [ "$MODE" = cpu ] && [ ! -x "$PY" ]; then
+    echo "gpu_check: error: --cpu uses the installed $VENV and there is none (see README: set up)" >&2
+    exit 2
+fi
+if [ "$MODE" = gpu ]; then
+    "$PY" - <<'PY' || exit 2
+import sys
+import torch
+why = None
+if torch.version.cuda is None:
+    why = f"torch {torch.__version__} is a CPU build: pip install --force-reinstall torch (the CUDA build) in it"
+elif not torch.cuda.is_available():
+    why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: no device, or a driver older than "
+           f"CUDA {torch.version.cuda}")
+else:
+    try:
+        (torch.ones(1, device="cuda") + 1).item()
+    except RuntimeError as e:
+        why = f"a CUDA operation fails on {torch.cuda.get_device_name()}: {str(e).splitlines()[0]}"
+if why:
+    print(f"gpu_check: error: no usable GPU: {why}", file=sys.stderr)
+    sys.exit(2)
+PY
+fi
+
+if [ "$MODE" = gpu ]; then
+    BUDGET=${BUDGET:-540}
+    DEVICE=(--device cuda)
+    LLAMA=(--layers 0)
+    MOE=(--layers 4)
+    COMPARE=(--max-bytes 30000000)
+    LIMIT_TESTS=180 LIMIT_THROUGHPUT=150
+else  # toy shapes, nothing compiled (compiling on a 2-core CPU would take minutes); the same scripts and paths
+    BUDGET=${BUDGET:-900}
+    DEVICE=(--device cpu --toy --steps 2 --warmup 1 --set train.compile=false)
+    LLAMA=(--layers 2)
+    MOE=(--layers 2)
+    COMPARE=(--toy --max-steps 20 --data "$OUT/data")
+    LIMIT_TESTS=300 LIMIT_THROUGHPUT=300
+fi
+mkdir -p "$OUT"
+: > "$OUT/stages.tsv"
+START=$SECONDS
+status=0
+
+# stage NAME MIN_S LIMIT_S FILE -- COMMAND...: run COMMAND for at most LIMIT_S (and the budget left), skip it when
+# less than MIN_S of the budget is left; one line per stage in stages.tsv.
+stage() {
+    local name=$1 min=$2 limit=$3 file=$4; shift 5
+    local left=$((BUDGET - (SECONDS - START))) t0=$SECONDS code
+    if [ "$left" -lt "$min" ]; then
+        echo "== $name: skipped (${left}s of the ${BUDGET}s budget left, needs ${min}s)"
+        printf '%s\tskipped\t0\t\t%s\t%s\n' "$name" "${left}s of the ${BUDGET}s budget left, needs ${min}s" "$file" \
+            >> "$OUT/stages.tsv"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s, $((SECONDS - START))s used)"
+    timeout --kill-after=15 "$limit" "$@"
+    code=$?
+    local state=passed reason=
+    if [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then state=timed_out reason="killed after ${limit}s"
+    elif [ "$code" -ne 0 ]; then state=failed reason="exit $code"; fi
+    [ "$state" = passed ] || status=1
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$state" "$((SECONDS - t0))" "$code" "$reason" "$file" >> "$OUT/stages.tsv"
+}
+
+stage "CUDA test cases" 60 "$LIMIT_TESTS" tests.json -- "$PY" bench/gpu_check_report.py tests "$OUT" --mode "$MODE"
+stage "throughput: llama-600m, bag 1 vs 4" 60 "$LIMIT_THROUGHPUT" throughput-llama-600m.json -- \
+    "$PY" bench/gpu_throughput.py configs/llama-600m-8gpu.toml "${LLAMA[@]}" --bag 4 "${DEVICE[@]}" \
+    --out "$OUT/throughput-llama-600m.json"
+stage "throughput: qwen3-moe-10b-a1b, bag 1 vs 16" 60 "$LIMIT_THROUGHPUT" throughput-qwen3-moe-10b-a1b.json -- \
+    "$PY" bench/gpu_throughput.py configs/qwen3-moe-10b-a1b-8gpu.toml "${MOE[@]}" --accumulation 2 "${DEVICE[@]}" \
+    --out "$OUT/throughput-qwen3-moe-10b-a1b.json"
+left=$((BUDGET - (SECONDS - START)))
+stage "TST vs baseline compare" 90 "$left" compare/report.json -- \
+    "$PY" bench/gpu_compare.py --budget "$((left - 15))" "${COMPARE[@]}" --out "$OUT/compare"
+
+"$PY" bench/gpu_check_report.py summary "$OUT" --mode "$MODE" --budget "$BUDGET" --elapsed "$((SECONDS - START))" \
+    || status=1
 exit $status
