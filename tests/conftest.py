@@ -2,14 +2,53 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+import torch
 
 from superpose.cli import main
 from superpose.data.prepare import prepare
 from superpose.train.config import RunConfig
 from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
+
+
+def torch_settings() -> dict:
+    """torch's process-global settings that change what CPU ops compute. Plain values: test_export also runs this
+    function's source in a fresh interpreter to compare the two processes."""
+    return {"threads": torch.get_num_threads(), "default_dtype": str(torch.get_default_dtype()),
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "grad_enabled": torch.is_grad_enabled(),
+            "flush_denormal": torch.tensor([1e-38]).div(4).item() == 0.0}
+
+
+_SETTERS: dict[str, Callable[[Any], Any]] = {
+    "threads": torch.set_num_threads,
+    "default_dtype": lambda name: torch.set_default_dtype(getattr(torch, name.removeprefix("torch."))),
+    "matmul_precision": torch.set_float32_matmul_precision,
+    "deterministic": torch.use_deterministic_algorithms,
+    "grad_enabled": torch.set_grad_enabled,
+    "flush_denormal": torch.set_flush_denormal,
+}
+
+
+@pytest.fixture(scope="session")
+def _torch_defaults() -> tuple[dict, torch.Tensor]:
+    """torch's settings and global RNG state as the session found them (before any module fixture)."""
+    return torch_settings(), torch.get_rng_state()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals(_torch_defaults):
+    """Every test ends with torch's settings and global RNG as the session began, so no result depends on which tests
+    ran before in this process (a thread count left by one test changed another's bitwise comparison)."""
+    yield
+    settings, rng = _torch_defaults
+    torch.set_rng_state(rng)
+    for name, value in torch_settings().items():
+        if value != settings[name]:
+            _SETTERS[name](settings[name])
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "docs", docs), docs
 
 
+DATASET_KW = {"vocab_size": 320, "val_fraction": 0.1, "shard_tokens": 1000, "seed": 3, "progress": False}
+
+
 @pytest.fixture(scope="module")
 def dataset(corpus: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare(
-        [str(corpus[0])], tmp_path_factory.mktemp("ds") / "out", vocab_size=320, val_fraction=0.1,
-        shard_tokens=1000, seed=3, progress=False,
-    )
+    return prepare([str(corpus[0])], tmp_path_factory.mktemp("ds") / "out", **DATASET_KW)
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """Folders ``a`` and ``b`` hold the same file names with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 @pytest.fixture()
@@ -187,10 +195,8 @@ def test_prepare_reports_skipped_files_and_split_sizes(tmp_path: Path) -> None:
 
 
 def test_prepare_is_deterministic_and_seed_picks_validation(corpus: tuple[Path, list[str]], dataset: Path, tmp_path: Path) -> None:
-    again = prepare([str(corpus[0])], tmp_path / "again", vocab_size=320, val_fraction=0.1, shard_tokens=1000, seed=3, progress=False)
-    for f in sorted(p.name for p in dataset.iterdir()):
-        assert (again / f).read_bytes() == (dataset / f).read_bytes(), f
-    other = prepare([str(corpus[0])], tmp_path / "other", vocab_size=320, val_fraction=0.1, shard_tokens=1000, seed=4, progress=False)
+    assert_same_files(prepare([str(corpus[0])], tmp_path / "again", **DATASET_KW), dataset)
+    other = prepare([str(corpus[0])], tmp_path / "other", **{**DATASET_KW, "seed": 4})
     assert (other / "val-00000.bin").read_bytes() != (dataset / "val-00000.bin").read_bytes()
 
 
@@ -241,11 +247,12 @@ def test_nonempty_output_folder_is_refused_and_untouched(tmp_path: Path, corpus:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def test_existing_empty_output_folder_is_used(tmp_path: Path, corpus: tuple[Path, list[str]]) -> None:
+def test_existing_empty_output_folder_is_used(tmp_path: Path, corpus: tuple[Path, list[str]], dataset: Path) -> None:
+    """An empty folder is filled with the dataset a new folder would get, and nothing is written beside it."""
     out = tmp_path / "o"
     out.mkdir()
-    prepare([str(corpus[0])], out, vocab_size=300, progress=False)
-    assert (out / "meta.json").is_file()
+    assert prepare([str(corpus[0])], out, **DATASET_KW) == out
+    assert_same_files(out, dataset)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 

@@ -1,5 +1,6 @@
 """Export: a trained run becomes a plain Hugging Face folder that transformers loads alone, from either checkpoint layout."""
 
+import inspect
 import json
 import os
 import shutil
@@ -10,53 +11,62 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import run_error
+from conftest import run_error, torch_settings
 from safetensors.torch import load_file
 
-import superpose
 from superpose.cli import main
 from superpose.errors import SuperposeError
-from superpose.export import PORTABLE_TOKENIZER_CLASS, export, load_model, load_run
+from superpose.export import PORTABLE_TOKENIZER_CLASS, export, load_export, load_model, load_run
 from superpose.models import build_model, model_config
 from superpose.train.checkpoint import load_checkpoint
 from superpose.train.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save, one process
 
-SRC = Path(superpose.__file__).resolve().parents[1]
-
-# Runs in `python -I` (no PYTHONPATH, no user site, no cwd); the editable install's .pth still puts src/ on the path,
-# so it is removed before anything is imported, and the absence of superpose is asserted.
+# Runs in `python -I` (no PYTHONPATH, no user site, no cwd). superpose stays installed (editable or not, this checkout
+# or another), so the child makes every import of it fail before importing anything else.
+# Logits are compared bitwise, so both interpreters compute under the same process-global torch settings: one thread
+# (a thread count can change how an op splits its sums, and a fresh interpreter takes one per core), and the rest of
+# conftest.torch_settings checked equal.
 CLEAN_LOAD = """
-import importlib.util, json, sys
-sys.path = [p for p in sys.path if p != {src!r}]
-assert importlib.util.find_spec("superpose") is None, "superpose is importable"
+import json, sys
+sys.modules["superpose"] = None
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+{settings}
 model = AutoModelForCausalLM.from_pretrained({out!r}).eval()
 tok = AutoTokenizer.from_pretrained({out!r})
 ids = torch.tensor([tok({text!r}).input_ids])
 with torch.no_grad():
     logits = model(ids).logits
-assert "superpose" not in sys.modules
+assert sys.modules["superpose"] is None
 print(json.dumps({{"ids": ids[0].tolist(), "logits": logits[0].tolist(), "eos": tok.eos_token,
-                   "class": type(model).__name__}}))
+                   "class": type(model).__name__, "settings": torch_settings()}}))
 """
+
+
+def clean_load(out: Path, text: str, prefix: str = "", timeout: int = 120) -> dict:
+    """Load the export ``out`` in a fresh interpreter without superpose; its tokens, logits and settings of ``text``."""
+    code = prefix + CLEAN_LOAD.format(settings=inspect.getsource(torch_settings), out=str(out), text=text)
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=out.parent,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_export_loads_in_clean_interpreter_with_equal_logits(tst_run, tmp_path):
     out = export(tst_run, tmp_path / "hf")
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     text = "def superpose(x):\n    return x"
-    code = CLEAN_LOAD.format(src=str(SRC), out=str(out), text=text)
-    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded = clean_load(out, text)
     assert loaded["class"] == "LlamaForCausalLM" and loaded["eos"] == "<|endoftext|>"
 
     model, tokenizer = load_run(tst_run)  # the trainer's model: preset + checkpoint weights
     ids = torch.tensor([tokenizer(text).input_ids])
     assert ids[0].tolist() == loaded["ids"]
+    torch.set_num_threads(1)  # conftest puts the thread count back after the test
+    assert torch_settings() == loaded["settings"]
     with torch.no_grad():
         ours = model(ids).logits[0]
     diff = (ours - torch.tensor(loaded["logits"])).abs().max().item()
@@ -118,11 +128,21 @@ def test_export_run_without_checkpoint(tmp_path, capsys):
 
 
 def test_export_cli_into_empty_folder(tst_run, tmp_path, capsys):
+    """An existing empty folder receives the named checkpoint's model (not the run's newest), complete."""
     out = tmp_path / "empty"
     out.mkdir()
-    assert main(["export", str(tst_run / "checkpoints" / "step-0000006"), "--out", str(out)]) == 0
-    assert (out / "model.safetensors").is_file()
-    assert not list(tmp_path.glob(".tmp-*"))
+    checkpoint = tst_run / "checkpoints" / "step-0000006"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"exported {out}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no temporary folder left behind
+    exported, tokenizer = load_export(out)  # transformers alone
+    trained, trained_tokenizer = load_run(checkpoint)
+    newest = load_run(tst_run)[0].state_dict()
+    weights = exported.state_dict()
+    assert weights.keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in weights.items())
+    assert any(not torch.equal(v, newest[k]) for k, v in weights.items())
+    assert tokenizer.get_vocab() == trained_tokenizer.get_vocab() and tokenizer.eos_token == trained_tokenizer.eos_token
 
 
 def test_run_with_model_overrides_exports_and_loads(tiny_config, tmp_path):
@@ -168,9 +188,7 @@ def test_export_loads_in_every_supported_transformers(tst_run, tmp_path):
     floor = os.environ.get("SUPERPOSE_TRANSFORMERS_FLOOR")  # site folder of transformers 4.56 (+ tokenizers 0.22)
     if floor is None:
         pytest.skip("set SUPERPOSE_TRANSFORMERS_FLOOR to load the export with the lowest supported transformers")
-    code = f"import sys; sys.path.insert(0, {floor!r})\n" + CLEAN_LOAD.format(src=str(SRC), out=str(out), text="x = 1")
-    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    clean_load(out, "x = 1", prefix=f"import sys; sys.path.insert(0, {floor!r})\n", timeout=300)
 
 
 @pytest.fixture
