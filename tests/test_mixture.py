@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 
 from superpose.data.loader import WindowLoader
-from superpose.data.mixture import MixtureLoader, Source, source_counts
+from superpose.data.mixture import MixtureLoader, Source, proportions, source_counts, weighted_mean
 from superpose.data.prepare import prepare
 from superpose.data.shards import FORMAT, ShardWriter, open_dataset, write_meta
 from superpose.errors import SuperposeError
@@ -103,6 +104,34 @@ def test_quota_method_holds_for_any_weights(folders, weights, seed, batch):
     which = np.concatenate([loader.assign(batch) for _ in range(200 // batch)])
     counts = np.cumsum(np.eye(len(weights), dtype=np.int64)[which], axis=0)
     assert (np.abs(counts - p * np.arange(1, len(which) + 1)[:, None]) < 1 + 1e-9).all()
+
+
+any_weight = st.floats(min_value=5e-324, max_value=1.7976931348623157e308, allow_subnormal=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights=st.lists(any_weight, min_size=1, max_size=6), data=st.data())
+def test_any_finite_positive_weights_give_finite_shares_and_a_finite_mixed_loss(weights, data):
+    """``1.7e308, 1.7e308`` overflows a float sum and ``5e-324, 1e308`` underflows a float share: the shares are
+    exact rationals rounded once, so they and the weighted validation loss stay finite."""
+    shares = proportions(weights)
+    exact = [Fraction(w) / sum(map(Fraction, weights)) for w in weights]
+    rounding = [max(e / 2**52, Fraction(1, 2**1074)) for e in exact]  # relative, or the subnormals' absolute
+    assert all(0 <= p <= 1 and abs(Fraction(p) - e) <= r for p, e, r in zip(shares, exact, rounding))
+    losses = {f"s{k}": data.draw(st.floats(0, 20)) for k in range(len(weights))}
+    mean = weighted_mean(losses, {f"s{k}": w for k, w in enumerate(weights)})
+    assert math.isfinite(mean) and min(losses.values()) * (1 - 1e-12) <= mean <= max(losses.values()) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("weights", [[1.7e308, 1.7e308], [5e-324, 1e308], [1e308, 5e-324, 1.0]])
+def test_extreme_weights_keep_the_quota_method_exact(folders, weights):
+    stream = open_dataset(folders["web"]).split("train")
+    loader = MixtureLoader([Source(f"s{k}", w, stream) for k, w in enumerate(weights)], 5, 3)
+    which = np.concatenate([loader.assign(5) for _ in range(20)])
+    exact = [Fraction(w) / sum(map(Fraction, weights)) for w in weights]
+    for g in range(1, len(which) + 1):
+        for k, p in enumerate(exact):
+            assert abs(int((which[:g] == k).sum()) - p * g) < 1
 
 
 def run_batches(folders, windows, cut=None, world=1, B=6, seed=11):

@@ -111,11 +111,11 @@ def test_interrupted_encoding_resumes_without_redoing_finished_chunks(tmp_path: 
     reference = prepare(sources, tmp_path / "ref", **KW)
     encode, calls = prep._Encoder.__call__, []
 
-    def dies_after_three(self: prep._Encoder, chunk: prep._Chunk) -> None:
+    def dies_after_three(self: prep._Encoder, chunk: prep._Chunk) -> str:
         if len(calls) == 3:
             raise Interrupt
         calls.append(chunk.index)
-        encode(self, chunk)
+        return encode(self, chunk)
 
     monkeypatch.setattr(prep._Encoder, "__call__", dies_after_three)
     out = tmp_path / "out"
@@ -130,7 +130,7 @@ def test_interrupted_encoding_resumes_without_redoing_finished_chunks(tmp_path: 
     assert len(list((work / "parts").iterdir())) == 3
 
     seen: list[int] = []
-    monkeypatch.setattr(prep._Encoder, "__call__", lambda self, chunk: (seen.append(chunk.index), encode(self, chunk)))
+    monkeypatch.setattr(prep._Encoder, "__call__", lambda self, chunk: (seen.append(chunk.index), encode(self, chunk))[1])
     prepare(sources, out, **KW)
     assert not set(seen) & set(calls) and seen
     assert same_folders(out, reference) and not work.exists()

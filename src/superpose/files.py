@@ -6,11 +6,14 @@ replaced in one ``os.replace``. A reader (or a process killed mid-write) sees th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +81,7 @@ def commit_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     :func:`restore_set_aside`).
     """
     old = final.parent / f".old-{final.name}"
+    _plain_modes(tmp)
     if final.exists():
         if replace:
             os.replace(final, old)
@@ -86,6 +90,22 @@ def commit_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _plain_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` at least the mode a plain ``open``/``mkdir`` would have.
+
+    Libraries that write through a tempfile (safetensors does) leave their files 0600, unreadable to the rest of a
+    shared cluster. ``folder`` was made by ``mkdir``, so its own mode is 0777 less the umask: files get its read and
+    write bits, folders all of them; nothing is narrowed (an executable launcher stays executable).
+    """
+    allowed = stat.S_IMODE(Path(folder).stat().st_mode) & 0o777
+    for root, dirs, files in os.walk(folder):
+        for name, wanted in [(d, allowed) for d in dirs] + [(f, allowed & 0o666) for f in files]:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & wanted != wanted:
+                os.chmod(path, stat.S_IMODE(mode) | wanted)
 
 
 @contextmanager
@@ -131,41 +151,111 @@ def restore_set_aside(folder: Path) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on a folder for as long as one process writes it (``fcntl.flock`` on ``.lock``).
+    """An exclusive lock on a folder for as long as one process writes it (``fcntl.flock``).
 
-    The kernel releases it when the process exits in any way, so a crash leaves no stale lock behind; a second
-    writer is refused in one line instead of interleaving its files with the first one's. A folder the lock created
-    is removed again when the work inside fails before writing anything, so a refused start leaves no trace.
+    The lock is held on the folder itself (an open descriptor of the directory), which a stray ``rm`` of a file in it
+    cannot take away from a live holder, and on ``.lock`` inside it, for file systems that cannot lock a directory
+    (NFS). The kernel releases both when the process exits in any way, so a crash leaves no stale lock behind; a
+    second writer is refused in one line instead of interleaving its files with the first one's. A folder the lock
+    created is removed again when the work inside fails before writing anything, so a refused start leaves no trace.
     """
 
     def __init__(self, folder: Path, what: str) -> None:
         self.path = Path(folder) / ".lock"
         self.what = what
+        self._folder: int | None = None
         self._file = None
         self._created = False
 
     def __enter__(self) -> "FolderLock":
-        import fcntl
-
         self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        self._folder = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
+            free = _flock(self._folder, directory=True)
+            if free:  # only then: a refused writer leaves no new .lock behind
+                self._file = open(self.path, "a+")
+                free = _flock(self._file, directory=False)
+        except BaseException:
+            self._release()
+            raise
+        if not free:
+            self._release()
             raise SuperposeError(f"{self.what} {self.path.parent} is in use by another process; wait for it to "
-                                 f"finish or choose another name") from None
+                                 f"finish or choose another name")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if kind is not None and self._created and self._only_lock_left():
             self.path.unlink()  # still locked: no other writer can have come in
-            self._file.close()
+            self._release()
             self.path.parent.rmdir()
             return
-        self._file.close()  # closing releases the lock
+        self._release()  # closing releases the lock
+
+    def _release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._folder is not None:
+            os.close(self._folder)
+            self._folder = None
 
     def _only_lock_left(self) -> bool:
         folder = self.path.parent
         return folder.is_dir() and [p.name for p in folder.iterdir()] == [self.path.name]
+
+
+def _flock(target: Any, directory: bool) -> bool:
+    """Take an exclusive lock without waiting: False when another process holds it. A directory that its file
+    system cannot lock (NFS emulates flock with write locks, and a directory is never open for writing) counts as
+    taken: ``.lock`` then carries the lock alone."""
+    import fcntl
+
+    try:
+        fcntl.flock(target, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if not directory or e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+    return True
+
+
+class ChecksumLog:
+    """SHA-256 of a work folder's files, appended as each file is complete (``checksums.sha256``, in the format of
+    ``sha256sum``, so ``sha256sum -c`` checks it by hand).
+
+    A process continuing the work trusts only a file whose content matches its latest entry and makes the rest
+    again. Append-only, so a thousand parallel parts cost a line each, not a rewrite of a record each; a line cut by
+    a kill, or damaged, is no entry, and the file it covered is made again, so the log needs no checksum of its own.
+    """
+
+    NAME = "checksums.sha256"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self.sums: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_bytes().decode("utf-8", "replace").split("\n"):
+                if entry := _SUM_LINE.fullmatch(line):
+                    self.sums[entry[2]] = entry[1]
+
+    def verified(self, name: str) -> bool:
+        """Whether ``name`` (relative to the folder) exists and matches its entry."""
+        path = self.folder / name
+        return name in self.sums and path.is_file() and file_sha256(path) == self.sums[name]
+
+    def record(self, name: str, sha256: str | None = None) -> None:
+        """Enter a complete file (its checksum computed here unless given, e.g. by the process that wrote it)."""
+        sha256 = sha256 or file_sha256(self.folder / name)
+        with open(self.path, "a+b") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(size - 1, 0))
+            cut = size > 0 and log.read(1) != b"\n"  # a kill mid-line: end that line, which is no entry
+            log.write((b"\n" if cut else b"") + f"{sha256}  {name}\n".encode())
+        self.sums[name] = sha256
+
+
+_SUM_LINE = re.compile(r"([0-9a-f]{64})  ([^\n]+)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,21 @@ def _integer_weights(weights: Sequence[float]) -> list[int]:
     fractions = [Fraction(w) for w in weights]
     scale = math.lcm(*(f.denominator for f in fractions))
     return [int(f * scale) for f in fractions]
+
+
+def proportions(weights: Sequence[float]) -> list[float]:
+    """Each weight's share of their sum, exact until the final rounding: in [0, 1] for any finite positive weights,
+    where float arithmetic overflows (``1.7e308 + 1.7e308``) or loses the small ones (``5e-324 / 1e308``)."""
+    integers = _integer_weights(weights)
+    total = sum(integers)
+    return [float(Fraction(w, total)) for w in integers]
+
+
+def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """The mean of ``values`` weighted by the mixture ``weights`` (keyed alike), e.g. the expected validation loss
+    under the training mixture: finite for finite values, whatever the weights' magnitudes."""
+    names = list(weights)
+    return sum(p * values[name] for name, p in zip(names, proportions([weights[name] for name in names])))
 
 
 class MixtureLoader:

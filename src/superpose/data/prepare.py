@@ -11,7 +11,10 @@ Everything happens in a work folder beside the output (``.prepare-NAME``), which
 
 Memory is bounded by SHUFFLE_BLOCK documents' offsets and a few chunks per worker, whatever the corpus size. A run
 that is killed leaves the work folder; the same command continues it (a finished read and finished parts are kept),
-a different one is refused. A bad input (a SuperposeError) removes it, as nothing of it is worth keeping.
+a different one is refused. Every work file's SHA-256 is logged when the file is complete (files.ChecksumLog), and a
+continuing run keeps only what matches: a damaged part is encoded again, a damaged read (document cache, offsets,
+tokenizer, its record) is read again, a damaged arguments.json starts the work over. A bad input (a SuperposeError)
+removes the folder, as nothing of it is worth keeping.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import threading
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -55,7 +59,7 @@ from superpose.data.tokenizer import (
     vocab_size_of,
 )
 from superpose.errors import SuperposeError
-from superpose.files import FolderLock, commit_dir, file_sha256, require_empty, write_atomic
+from superpose.files import ChecksumLog, FolderLock, commit_dir, file_sha256, first_line, require_empty, write_atomic
 
 WORK_PREFIX = ".prepare-"
 ARGUMENTS_FILE = "arguments.json"
@@ -63,6 +67,7 @@ CACHE_FILE = "documents.cache"
 OFFSETS_FILE = "documents.offsets"
 READ_FILE = "read.json"
 PARTS = "parts"
+READ_FILES = (CACHE_FILE, OFFSETS_FILE, TOKENIZER_FILE, READ_FILE)  # what the read makes, trusted together
 # Documents are shuffled within consecutive blocks of this many (the whole corpus when smaller): one block's offsets,
 # permutation and flags (a few tens of bytes a document) are all a shuffle holds in memory.
 SHUFFLE_BLOCK = 1 << 22
@@ -123,7 +128,7 @@ def prepare(
     }
     work = out.parent / f"{WORK_PREFIX}{out.name}"
     with FolderLock(work, "prepare work folder"):
-        _claim(work, arguments, out)
+        log = _claim(work, arguments, out, say)
         try:
             skipped = Skipped()
             if ids:
@@ -132,22 +137,22 @@ def prepare(
                                       hf_config=hf_config, hf_split=hf_split) for s in sources)
             else:
                 docs = _text_documents(sources, text_field, hf_config, hf_split, encoding, errors, skipped, max_bytes)
-            count, tok, note = _read(work, docs, tok, vocab_size, progress, lambda: _skipped_note(skipped))
+            count, tok, note = _read(work, log, docs, tok, vocab_size, progress, lambda: _skipped_note(skipped))
             if note:
                 say(note)
             holdout = _Holdout(count, val_fraction, min_val_documents, seed, sources)
             eos, vocab = eos_id(tok), vocab_size_of(tok)
             dtype = token_dtype(vocab)
             offsets = np.memmap(work / OFFSETS_FILE, dtype=np.int64, mode="r")
-            encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work / PARTS), eos,
-                               dtype_name(dtype))
+            encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work), eos, dtype_name(dtype))
             workers = min(workers, -(-int(offsets[-1]) // CHUNK_BYTES))  # no process without a chunk to encode
-            n_chunks = _encode(_chunks(offsets, holdout, keep_order, seed), encoder, workers, count, progress)
+            n_chunks = _encode(_chunks(offsets, holdout, keep_order, seed), encoder, workers, count, progress, log, say)
             del offsets
-            splits = _assemble(work, n_chunks, dtype, shard_tokens, ids)
+            splits = _assemble(work, log, n_chunks, dtype, vocab, eos, shard_tokens, ids)
             write_meta(work, _meta(work, dtype, vocab, eos, sources, seed, keep_order, val_fraction, max_bytes, splits))
-        except SuperposeError:
-            shutil.rmtree(work, ignore_errors=True)
+        except SuperposeError as e:
+            if not isinstance(e, WorkFileDamaged):  # a bad input: nothing of the work folder is worth keeping
+                shutil.rmtree(work, ignore_errors=True)
             raise
         _drop_work_files(work)
         commit_dir(work, out)
@@ -169,7 +174,7 @@ def _text_documents(sources: list[str], text_field: str, hf_config: str | None, 
 def _drop_work_files(work: Path) -> None:
     """Leave only the shards and meta.json in the work folder, which then becomes the output."""
     shutil.rmtree(work / PARTS)
-    for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ".lock"):
+    for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ChecksumLog.NAME, ".lock"):
         (work / name).unlink(missing_ok=True)
 
 
@@ -207,21 +212,29 @@ def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int,
     return tok
 
 
-def _claim(work: Path, arguments: dict[str, Any], out: Path) -> None:
-    """Record this run's arguments in the work folder, or check that an unfinished run there had the same ones."""
+def _claim(work: Path, arguments: dict[str, Any], out: Path, say: Callable[[str], None]) -> ChecksumLog:
+    """Record this run's arguments in the work folder, or check that an unfinished run there had the same ones;
+    returns the folder's checksum log."""
+    log = ChecksumLog(work)
     path = work / ARGUMENTS_FILE
-    if path.is_file():
+    if log.verified(ARGUMENTS_FILE):
         before = json.loads(path.read_text(encoding="utf-8"))
         if before != arguments:
             key = next(k for k in sorted(set(before) | set(arguments)) if before.get(k) != arguments.get(k))
             raise SuperposeError(
                 f"{work} holds an unfinished prepare of {out} with other arguments ({key}: {before.get(key)!r} then, "
                 f"{arguments.get(key)!r} now): re-run it as before to finish it, or delete {work} to start over")
-        return
-    for leftover in work.iterdir():  # a run killed before it recorded its arguments: nothing to keep
+        return log
+    if ARGUMENTS_FILE in log.sums:
+        say(f"{path} does not match its checksum: the work in {work} cannot be trusted, starting it over")
+    # otherwise a run killed before it recorded its arguments: nothing to keep either
+    for leftover in work.iterdir():
         if leftover.name != ".lock":
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     write_atomic(path, json.dumps(arguments, indent=1) + "\n")
+    log = ChecksumLog(work)
+    log.record(ARGUMENTS_FILE)
+    return log
 
 
 def _skipped_note(skipped: Skipped) -> str | None:
@@ -231,16 +244,18 @@ def _skipped_note(skipped: Skipped) -> str | None:
     return skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else "")
 
 
-def _read(work: Path, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int, progress: bool,
+def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int, progress: bool,
           note: Callable[[], str | None]) -> tuple[int, Tokenizer, str | None]:
-    """Pass 1 (skipped when an earlier run finished it): cache every document and, with no tokenizer, train one.
+    """Pass 1 (skipped when an earlier run finished it and its files match their checksums): cache every document
+    and, with no tokenizer, train one.
 
     Returns the document count, the tokenizer and the note on files skipped.
     """
     done = work / READ_FILE
-    if done.is_file():
+    if all(log.verified(name) for name in READ_FILES):
         record = json.loads(done.read_text(encoding="utf-8"))
         return record["documents"], load_tokenizer(str(work / TOKENIZER_FILE)), record["note"]
+    before = {name: log.sums.get(name) for name in READ_FILES}
     cache = _DocumentCache(work)
     with tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
         recorded = cache.record(docs, bar)
@@ -251,31 +266,46 @@ def _read(work: Path, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: in
     tok.save(str(work / TOKENIZER_FILE))
     record = {"documents": cache.count, "note": note()}
     write_atomic(done, json.dumps(record) + "\n")
+    after = {**cache.sha256, TOKENIZER_FILE: file_sha256(work / TOKENIZER_FILE), READ_FILE: file_sha256(done)}
+    if after != before:  # parts made from another read, if any, go before this read is logged as done
+        shutil.rmtree(work / PARTS, ignore_errors=True)
+    for name, sha256 in after.items():
+        log.record(name, sha256)
     return record["documents"], tok, record["note"]
 
 
 class _DocumentCache:
-    """Documents' bytes (UTF-8 text, or uint32 ids) back to back, and an offsets file of their N+1 boundaries."""
+    """Documents' bytes (UTF-8 text, or uint32 ids) back to back, and an offsets file of their N+1 boundaries;
+    `sha256` holds both files' checksums, taken on the way (the cache may be far larger than memory)."""
 
     def __init__(self, folder: Path) -> None:
         self.data = folder / CACHE_FILE
         self.offsets = folder / OFFSETS_FILE
         self.count = 0
+        self.sha256: dict[str, str] = {}
 
     def record(self, docs: Iterable[str | np.ndarray], bar: tqdm) -> Iterator[str | np.ndarray]:
         """Write each document to the cache while passing it on (to the tokenizer trainer)."""
+        hashes = {CACHE_FILE: hashlib.sha256(), OFFSETS_FILE: hashlib.sha256()}
+
+        def write(file: Any, name: str, raw: bytes) -> None:
+            file.write(raw)
+            hashes[name].update(raw)
+
         with open(self.data, "wb") as data, open(self.offsets, "wb") as offsets:
             ends: list[int] = [0]
             for doc in docs:
-                data.write(doc.encode("utf-8") if isinstance(doc, str) else doc.astype("<u4", copy=False).tobytes())
+                write(data, CACHE_FILE,
+                      doc.encode("utf-8") if isinstance(doc, str) else doc.astype("<u4", copy=False).tobytes())
                 ends.append(data.tell())
                 self.count += 1
                 if len(ends) >= _OFFSET_FLUSH:
-                    np.asarray(ends, dtype="<i8").tofile(offsets)
+                    write(offsets, OFFSETS_FILE, np.asarray(ends, dtype="<i8").tobytes())
                     ends = []
                 bar.update()
                 yield doc
-            np.asarray(ends, dtype="<i8").tofile(offsets)
+            write(offsets, OFFSETS_FILE, np.asarray(ends, dtype="<i8").tobytes())
+        self.sha256 = {name: h.hexdigest() for name, h in hashes.items()}
 
 
 class _Holdout:
@@ -351,8 +381,14 @@ def _chunks(offsets: np.ndarray, holdout: _Holdout, keep_order: bool, seed: int)
             index += 1
 
 
-def _part(parts: str, index: int) -> Path:
-    return Path(parts) / f"{index:08d}.npz"
+def _part(index: int) -> str:
+    """A part file's name in the work folder (and in its checksum log)."""
+    return f"{PARTS}/{index:08d}.npz"
+
+
+class WorkFileDamaged(SuperposeError):
+    """A part file that fails its checks while the shards are assembled: unlike a bad input, this keeps the work
+    folder (hours of encoding, perhaps); the message says whether the same command heals it or the folder must go."""
 
 
 class _Encoder:
@@ -361,12 +397,13 @@ class _Encoder:
     Built once per worker process; `tokenizer_json` is None for pre-tokenized documents, which are copied.
     """
 
-    def __init__(self, tokenizer_json: str | None, cache: str, parts: str, eos: int, dtype: str) -> None:
-        self.spec = (tokenizer_json, cache, parts, eos, dtype)
+    def __init__(self, tokenizer_json: str | None, cache: str, work: str, eos: int, dtype: str) -> None:
+        self.spec = (tokenizer_json, cache, work, eos, dtype)
         self.tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
-        self.cache, self.parts, self.eos, self.dtype = cache, parts, eos, DTYPES[dtype]
+        self.cache, self.work, self.eos, self.dtype = cache, Path(work), eos, DTYPES[dtype]
 
-    def __call__(self, chunk: _Chunk) -> None:
+    def __call__(self, chunk: _Chunk) -> str:
+        """Write the chunk's part file; returns its SHA-256, for the work folder's checksum log."""
         pieces: dict[bool, list[np.ndarray]] = {False: [], True: []}
         counts = {False: [0, 0], True: [0, 0]}  # documents, text bytes
         eos = np.array([self.eos], self.dtype)
@@ -381,11 +418,12 @@ class _Encoder:
         for split, held_out in (("train", False), ("val", True)):
             out[split] = np.concatenate(pieces[held_out]) if pieces[held_out] else np.zeros(0, self.dtype)
             out[f"{split}_counts"] = np.array(counts[held_out], np.int64)
-        final = _part(self.parts, chunk.index)
+        final = self.work / _part(chunk.index)
         final.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **out)
         write_atomic(final, buffer.getvalue())
+        return hashlib.sha256(buffer.getbuffer()).hexdigest()
 
     def _ids(self, raw: list[bytes]) -> Iterator[np.ndarray]:
         if self.tok is None:
@@ -425,64 +463,98 @@ def _start_worker(*spec: Any) -> None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
-def _run_worker(chunk: _Chunk) -> None:
-    _WORKER(chunk)
+def _run_worker(chunk: _Chunk) -> str:
+    return _WORKER(chunk)
 
 
-def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: int, progress: bool) -> int:
-    """Encode every chunk without a part file yet (in `workers` processes), at most 2 per worker queued; returns the
-    number of chunks."""
-    total = 0
+def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: int, progress: bool,
+            log: ChecksumLog, say: Callable[[str], None]) -> int:
+    """Encode every chunk without a part file matching its checksum (in `workers` processes), at most 2 per worker
+    queued, logging each new part's checksum; returns the number of chunks."""
+    total, remade = 0, []
     with tqdm(total=n_docs, desc="encoding", unit="doc", disable=not progress) as bar:
 
         def todo() -> Iterator[_Chunk]:
             nonlocal total
             for chunk in chunks:
                 total += 1
-                if _part(encoder.parts, chunk.index).is_file():
+                if log.verified(_part(chunk.index)):
                     bar.update(len(chunk.starts))
-                else:
-                    yield chunk
+                    continue
+                if _part(chunk.index) in log.sums and (encoder.work / _part(chunk.index)).is_file():
+                    remade.append(_part(chunk.index))  # damaged (one written but not yet logged is just made again)
+                yield chunk
 
         if workers == 1:
             for chunk in todo():
-                encoder(chunk)
+                log.record(_part(chunk.index), encoder(chunk))
                 bar.update(len(chunk.starts))
-            return total
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, rayon)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=encoder.spec) as pool:
-            pending: dict[Future, int] = {}
-            for chunk in todo():
-                if len(pending) >= 2 * workers:
-                    _collect(pending, bar, FIRST_COMPLETED)
-                pending[pool.submit(_run_worker, chunk)] = len(chunk.starts)
-            _collect(pending, bar, ALL_COMPLETED)
+        else:
+            context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, rayon)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                     initargs=encoder.spec) as pool:
+                pending: dict[Future, _Chunk] = {}
+                for chunk in todo():
+                    if len(pending) >= 2 * workers:
+                        _collect(pending, bar, FIRST_COMPLETED, log)
+                    pending[pool.submit(_run_worker, chunk)] = chunk
+                _collect(pending, bar, ALL_COMPLETED, log)
+    if remade:
+        say(f"made again {len(remade)} part file(s) that did not match their checksums in {encoder.work}: "
+            f"{', '.join(remade[:3])}{', ...' if len(remade) > 3 else ''}")
     return total
 
 
-def _collect(pending: dict[Future, int], bar: tqdm, when: str) -> None:
+def _collect(pending: dict[Future, _Chunk], bar: tqdm, when: str, log: ChecksumLog) -> None:
     done, _ = wait(pending, return_when=when)
     for future in done:
-        future.result()  # a worker's error surfaces here
-        bar.update(pending.pop(future))
+        chunk = pending.pop(future)
+        log.record(_part(chunk.index), future.result())  # a worker's error surfaces here
+        bar.update(len(chunk.starts))
 
 
-def _assemble(work: Path, n_chunks: int, dtype: np.dtype, shard_tokens: int, ids: bool) -> dict[str, Any]:
+def _assemble(work: Path, log: ChecksumLog, n_chunks: int, dtype: np.dtype, vocab: int, eos: int, shard_tokens: int,
+              ids: bool) -> dict[str, Any]:
     """Append the part files, in chunk order, to the train and validation shards; returns the splits' metadata."""
-    parts = str(work / PARTS)
     with ShardWriter(work, "train", dtype, shard_tokens) as train, ShardWriter(work, "val", dtype, shard_tokens) as val:
         for index in range(n_chunks):
-            with np.load(_part(parts, index)) as part:
-                for name, writer in (("train", train), ("val", val)):
-                    documents, text_bytes = part[f"{name}_counts"].tolist()
-                    if documents:
-                        writer.add(part[name], documents, text_bytes)
+            part = _read_part(work, log, index, dtype, vocab, eos)
+            for name, writer in (("train", train), ("val", val)):
+                documents, text_bytes = part[f"{name}_counts"].tolist()
+                if documents:
+                    writer.add(part[name], documents, text_bytes)
         splits = {"train": train.close(), "val": val.close()}
     if ids:
         for split in splits.values():
             split["bytes"] = None  # the text behind pre-tokenized ids is not known
     return splits
+
+
+def _read_part(work: Path, log: ChecksumLog, index: int, dtype: np.dtype, vocab: int, eos: int) -> dict[str, Any]:
+    """A part file's arrays, read once: checked against the checksum logged when it was written (it was verified
+    before encoding, so a mismatch is a change since), then for the shape the encoder gives them and for ids in the
+    vocabulary, so nothing but the encoder's tokens reaches a shard."""
+    path = work / _part(index)
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != log.sums.get(_part(index)):
+        raise WorkFileDamaged(f"{path} changed while prepare ran (it does not match its checksum): run the same "
+                              f"command again to make it anew")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            part = {key: npz[key] for key in ("train", "val", "train_counts", "val_counts")}
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise WorkFileDamaged(f"{path} is not a part file prepare wrote ({first_line(e)}): delete {work} to start "
+                              f"over") from None
+    for split in ("train", "val"):
+        tokens, counts = part[split], part[f"{split}_counts"]
+        if (tokens.dtype != dtype or tokens.ndim != 1 or counts.shape != (2,) or counts.dtype != np.int64
+                or counts.min() < 0 or (counts[0] == 0) != (len(tokens) == 0) or (len(tokens) and tokens[-1] != eos)):
+            raise WorkFileDamaged(f"{path} is not a part file prepare wrote (malformed {split} ids or counts): "
+                                  f"delete {work} to start over")
+        if len(tokens) and int(tokens.max()) >= vocab:
+            raise WorkFileDamaged(f"{path} holds token id {int(tokens.max())}, outside the vocabulary of {vocab}: "
+                                  f"delete {work} to start over")
+    return part
 
 
 def _meta(tmp: Path, dtype: np.dtype, vocab: int, eos: int, sources: list[str], seed: int, keep_order: bool,

@@ -118,8 +118,9 @@ def _split_at_eos(array: np.ndarray, eos: int, vocab_size: int, where: str) -> I
         yield carry
 
 
-def _column_rows(column: Any, where: str) -> Iterator[np.ndarray]:
-    """Rows of an Arrow list-of-integers column as numpy arrays, read through the flat values (no per-id Python)."""
+def _column_rows(column: Any, where: str, first_row: int) -> Iterator[np.ndarray]:
+    """Rows of an Arrow list-of-integers column as numpy arrays, read through the flat values (no per-id Python);
+    `first_row` is the column's first row in the file, for naming a row with a missing (null) id."""
     import pyarrow as pa
 
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
@@ -130,9 +131,14 @@ def _column_rows(column: Any, where: str) -> Iterator[np.ndarray]:
         offsets = chunk.offsets.to_numpy()
         values = chunk.values.to_numpy(zero_copy_only=False)
         valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        missing = chunk.values.is_null().to_numpy(zero_copy_only=False) if chunk.values.null_count else None
         for i in range(len(chunk)):
-            if valid[i]:
-                yield values[offsets[i] : offsets[i + 1]]
+            if not valid[i]:
+                continue
+            if missing is not None and missing[offsets[i] : offsets[i + 1]].any():
+                raise SuperposeError(f"{where}: row {first_row + i} holds a missing (null) token id")
+            yield values[offsets[i] : offsets[i + 1]]
+        first_row += len(chunk)
 
 
 def _datasets_folder_rows(path: Path, column: str, split: str) -> Iterator[np.ndarray]:
@@ -151,8 +157,10 @@ def _datasets_folder_rows(path: Path, column: str, split: str) -> Iterator[np.nd
     if column not in ds.column_names:
         raise SuperposeError(f"datasets folder {path} has no column '{column}' (columns: {', '.join(ds.column_names)});"
                              f" choose one with --ids-column")
+    row = 0
     for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=_ROW_BATCH):
-        yield from _column_rows(table[column], where)
+        yield from _column_rows(table[column], where, row)
+        row += table.num_rows
 
 
 def _parquet_rows(path: Path, column: str) -> Iterator[np.ndarray]:
@@ -166,8 +174,10 @@ def _parquet_rows(path: Path, column: str) -> Iterator[np.ndarray]:
     if column not in names:
         raise SuperposeError(f"corpus file {path} has no column '{column}' (columns: {', '.join(names)}); choose one "
                              f"with --ids-column")
-    for batch in reader.iter_batches(batch_size=_ROW_BATCH, columns=[column]):
-        yield from _column_rows(batch.column(0), f"column '{column}' of {path}")
+    row = 0
+    for batch in reader.iter_batches(batch_size=_ROW_BATCH, columns=[column]):  # batches may be shorter
+        yield from _column_rows(batch.column(0), f"column '{column}' of {path}", row)
+        row += batch.num_rows
 
 
 def _hub_rows(name: str, column: str, config: str | None, split: str) -> Iterator[np.ndarray]:
