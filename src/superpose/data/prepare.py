@@ -126,40 +126,67 @@ def prepare(
         "keep_order": keep_order, "encoding": encoding, "errors": errors, "shuffle_block": SHUFFLE_BLOCK,
         "chunk_bytes": CHUNK_BYTES, "superpose_version": __version__,
     }
-    work = out.parent / f"{WORK_PREFIX}{out.name}"
-    with FolderLock(work, "prepare work folder"):
-        log = _claim(work, arguments, out, say)
-        try:
-            skipped = Skipped()
-            if ids:
-                docs: Iterable[Any] = itertools.chain.from_iterable(
-                    iter_id_documents(s, ids_column=ids_column, vocab_size=vocab_size_of(tok), eos=eos_id(tok),
-                                      hf_config=hf_config, hf_split=hf_split) for s in sources)
-            else:
-                docs = _text_documents(sources, text_field, hf_config, hf_split, encoding, errors, skipped, max_bytes)
-            count, tok, note = _read(work, log, docs, tok, vocab_size, progress, lambda: _skipped_note(skipped))
-            if note:
-                say(note)
-            holdout = _Holdout(count, val_fraction, min_val_documents, seed, sources)
-            eos, vocab = eos_id(tok), vocab_size_of(tok)
-            dtype = token_dtype(vocab)
-            offsets = np.memmap(work / OFFSETS_FILE, dtype=np.int64, mode="r")
-            encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work), eos, dtype_name(dtype))
-            workers = min(workers, -(-int(offsets[-1]) // CHUNK_BYTES))  # no process without a chunk to encode
-            n_chunks = _encode(_chunks(offsets, holdout, keep_order, seed), encoder, workers, count, progress, log, say)
-            del offsets
-            splits = _assemble(work, log, n_chunks, dtype, vocab, eos, shard_tokens, ids)
-            write_meta(work, _meta(work, dtype, vocab, eos, sources, seed, keep_order, val_fraction, max_bytes, splits))
-        except SuperposeError as e:
-            if not isinstance(e, WorkFileDamaged):  # a bad input: nothing of the work folder is worth keeping
-                shutil.rmtree(work, ignore_errors=True)
-            raise
-        _drop_work_files(work)
-        commit_dir(work, out)
+    splits = _prepare_in_work_folder(out, tok, arguments, workers, progress, say)
     for name, split in splits.items():
         size = f"{split['bytes']:,} bytes" if split["bytes"] is not None else "pre-tokenized"
         say(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {size}")
     return out
+
+
+def _prepare_in_work_folder(out: Path, tok: Tokenizer | None, arguments: dict[str, Any], workers: int,
+                            progress: bool, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Build the dataset in ``.prepare-NAME/`` beside ``out`` (continuing a killed run there), then move it to ``out``.
+
+    A bad input removes the work folder (nothing in it is worth keeping); damage found in it keeps it for a look.
+    """
+    work = out.parent / f"{WORK_PREFIX}{out.name}"
+    with FolderLock(work, "prepare work folder"):
+        log = _claim(work, arguments, out, say)
+        try:
+            splits = _build(work, log, tok, arguments, workers, progress, say)
+        except SuperposeError as e:
+            if not isinstance(e, WorkFileDamaged):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        _drop_work_files(work)
+        commit_dir(work, out)
+    return splits
+
+
+def _build(work: Path, log: ChecksumLog, tok: Tokenizer | None, arguments: dict[str, Any], workers: int,
+           progress: bool, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The work itself: read the documents (training the tokenizer if none is given), split off validation, encode
+    the chunks in ``workers`` processes, write shards and meta into ``work``; returns the splits' counts."""
+    a, ids = arguments, arguments["text_field"] is None
+    skipped = Skipped()
+    count, tok, note = _read(work, log, _documents(a, tok, skipped), tok, a["vocab_size"], progress,
+                             lambda: _skipped_note(skipped))
+    if note:
+        say(note)
+    holdout = _Holdout(count, a["val_fraction"], a["min_val_documents"], a["seed"], a["sources"])
+    eos, vocab = eos_id(tok), vocab_size_of(tok)
+    dtype = token_dtype(vocab)
+    offsets = np.memmap(work / OFFSETS_FILE, dtype=np.int64, mode="r")
+    encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work), eos, dtype_name(dtype))
+    workers = min(workers, -(-int(offsets[-1]) // CHUNK_BYTES))  # no process without a chunk to encode
+    n_chunks = _encode(_chunks(offsets, holdout, a["keep_order"], a["seed"]), encoder, workers, count, progress, log,
+                       say)
+    del offsets
+    splits = _assemble(work, log, n_chunks, dtype, vocab, eos, a["shard_tokens"], ids)
+    write_meta(work, _meta(work, dtype, vocab, eos, a["sources"], a["seed"], a["keep_order"], a["val_fraction"],
+                           a["max_bytes"], splits))
+    return splits
+
+
+def _documents(arguments: dict[str, Any], tok: Tokenizer | None, skipped: Skipped) -> Iterable[Any]:
+    """Every source's documents in reading order: token-id arrays for pre-tokenized input, else text."""
+    a = arguments
+    if a["text_field"] is None:
+        return itertools.chain.from_iterable(
+            iter_id_documents(s, ids_column=a["ids_column"], vocab_size=vocab_size_of(tok), eos=eos_id(tok),
+                              hf_config=a["hf_config"], hf_split=a["hf_split"]) for s in a["sources"])
+    return _text_documents(a["sources"], a["text_field"], a["hf_config"], a["hf_split"], a["encoding"], a["errors"],
+                           skipped, a["max_bytes"])
 
 
 def _text_documents(sources: list[str], text_field: str, hf_config: str | None, hf_split: str, encoding: str,
@@ -244,7 +271,7 @@ def _skipped_note(skipped: Skipped) -> str | None:
     return skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else "")
 
 
-def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int, progress: bool,
+def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int | None, progress: bool,
           note: Callable[[], str | None]) -> tuple[int, Tokenizer, str | None]:
     """Pass 1 (skipped when an earlier run finished it and its files match their checksums): cache every document
     and, with no tokenizer, train one.
