@@ -271,8 +271,8 @@ def _skipped_note(skipped: Skipped) -> str | None:
     return skipped.summary() + ("; read them with --encoding, or --errors replace" if undecoded else "")
 
 
-def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int | None, progress: bool,
-          note: Callable[[], str | None]) -> tuple[int, Tokenizer, str | None]:
+def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | None, vocab_size: int | None,
+          progress: bool, note: Callable[[], str | None]) -> tuple[int, Tokenizer, str | None]:
     """Pass 1 (skipped when an earlier run finished it and its files match their checksums): cache every document
     and, with no tokenizer, train one.
 
