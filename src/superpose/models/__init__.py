@@ -14,6 +14,7 @@ from .build import (
     moe_shape,
     parameter_counts,
     router_aux_loss,
+    use_autocast_experts,
     use_causal_sdpa,
 )
 from .configs import check_trainable, custom_config, pretrained_config, quiet_transformers, read_pretrained
@@ -52,5 +53,6 @@ __all__ = [
     "read_pretrained",
     "resolve_head_dim",
     "router_aux_loss",
+    "use_autocast_experts",
     "use_causal_sdpa",
 ]

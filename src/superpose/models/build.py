@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import ModelOutput
 
@@ -41,6 +42,48 @@ def use_causal_sdpa(model: PreTrainedModel) -> None:
     """
     if model._supports_sdpa and _fully_causal(model.config):
         model.set_attn_implementation(CAUSAL_SDPA)
+
+
+AUTOCAST_EXPERTS = "grouped_mm_autocast"
+"""transformers' ``grouped_mm`` experts under a name of our own, with the expert weights cast as autocast would."""
+
+
+class _CastParameters:
+    """A module seen with its floating-point parameters cast to ``dtype`` (differentiable casts: the gradients reach
+    the fp32 parameters, as autocast's casts of a Linear's weight do); everything else is the module's own."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self._module, self._dtype = module, dtype
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._module, name)
+        if isinstance(value, torch.nn.Parameter) and value.is_floating_point():
+            return value.to(self._dtype)
+        return value
+
+
+def _autocast_grouped_mm(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped_mm experts forward, on expert weights cast to the autocast dtype when autocast is on.
+
+    Autocast does not cover ``torch._grouped_mm``, so fp32 expert weights (DDP or one process, where the weights stay
+    fp32) would run it in fp32: off the bf16 kernel, through a fallback that copies the offsets to the host (a
+    sync) and loops over experts in every MoE layer.
+    """
+    device = hidden_states.device.type
+    if torch.is_autocast_enabled(device):
+        experts = _CastParameters(experts, torch.get_autocast_dtype(device))
+    return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(AUTOCAST_EXPERTS, _autocast_grouped_mm)
+
+
+def use_autocast_experts(model: PreTrainedModel) -> None:
+    """Run a mixture-of-experts model's grouped_mm experts on autocast-dtype weights (see :func:`_autocast_grouped_mm`)
+    when the model computes under autocast; a no-op for dense models and other expert implementations."""
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":
+        model.set_experts_implementation(AUTOCAST_EXPERTS)
 
 
 def _fully_causal(config: PretrainedConfig) -> bool:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -51,27 +54,55 @@ def torchrun_env() -> DistInfo:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a one-line error."""
+    """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a one-line error.
+
+    CUDA comes back indexed, as NCCL's ``device_id`` requires (``init_process_group`` refuses a bare ``cuda``): a bare
+    ``cuda`` is this process's GPU, ``LOCAL_RANK`` under torchrun, else the current device. Choosing CUDA sets the
+    allocator's default (:func:`_default_cuda_allocator`) before the first CUDA call that could initialise it.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SuperposeError(f"train.device: {name} requested but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise SuperposeError(f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type != "cuda":
+        return device
+    _default_cuda_allocator()
+    if device.index is None:
+        info = torchrun_env()
+        device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+    return device
+
+
+CUDA_ALLOC_CONF = "expandable_segments:True"
+"""The allocator setting a run gets unless the user chose one: segments that grow in place instead of new blocks
+per size, against the fragmentation of FSDP's mixed all-gather sizes and the loss's large chunks."""
+
+
+def _default_cuda_allocator() -> None:
+    """Set ``PYTORCH_CUDA_ALLOC_CONF`` to :data:`CUDA_ALLOC_CONF` unless the user set it (or ``PYTORCH_ALLOC_CONF``).
+
+    The caching allocator parses the variable once, when it is first used, so this must run before CUDA initialises
+    (``torch.cuda.is_available`` does not initialise it; ``current_device`` and any allocation do).
+    """
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    """Join the process group torchrun describes (if any) and pick this rank's device (made current on CUDA, so
+    NCCL and the caching allocator work on it); under torchrun each rank takes GPU ``LOCAL_RANK``."""
     global _host_group
     device = resolve_device(device_name)
     info = torchrun_env()
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank) if info.enabled else device
+        torch.cuda.set_device(device)
     if not info.enabled:
         return info, device
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -82,7 +113,8 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 def init_one_rank_group(device: torch.device) -> None:
     """A process group of this process alone, so FSDP2 applies on one GPU too (bf16 compute, fp32 master weights).
 
-    Checkpoints of such a run are sharded (DCP) like those of a multi-rank run.
+    Checkpoints of such a run are sharded (DCP) like those of a multi-rank run. A CUDA ``device`` must be indexed
+    (:func:`resolve_device` gives one).
     """
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1, device_id=device if device.type == "cuda" else None)
@@ -142,11 +174,13 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 
 def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a Hugging Face causal LM, found by class: the outermost modules of the classes the
-    model keeps whole (``_no_split_modules``: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, ...), in order."""
+    model keeps whole (``_no_split_modules``: LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, ...), in order; wrapped
+    ones too (FSDP2 gives a sharded block a subclass of its own)."""
     kinds = set(getattr(lm, "_no_split_modules", None) or ())
     blocks: dict[str, torch.nn.Module] = {}
     for name, module in lm.named_modules():
-        if type(module).__name__ in kinds and not any(name.startswith(f"{outer}.") for outer in blocks):
+        if kinds.intersection(c.__name__ for c in type(module).__mro__) and not any(
+                name.startswith(f"{outer}.") for outer in blocks):
             blocks[name] = module
     if not blocks:
         raise SuperposeError(f"{type(lm).__name__} names no block class (_no_split_modules) to shard or compile")
@@ -173,13 +207,34 @@ def shards(parallel: str) -> bool:
     return parallel == "fsdp" and dist.is_initialized()
 
 
+def head_unit(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of the FSDP unit that holds the LM head: the head, with every module outside the blocks and the
+    input embeddings that owns parameters (the final norm in Llama-like families); empty when the root keeps them.
+
+    The root keeps them with tied embeddings (one weight belongs to one unit, and the bag mean reads it first thing)
+    and when no such module exists: the fused loss reads ``head.weight`` without calling the head, so the unit's
+    all-gather must be started by a module that runs before the loss does (the final norm).
+    """
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return []
+    taken = {id(m) for block in decoder_layers(lm) for m in block.modules()} | {id(embedding), id(head)}
+    rest = [m for m in lm.modules() if id(m) not in taken and next(m.parameters(recurse=False), None) is not None]
+    return [*rest, head] if rest else []
+
+
 def apply_parallelism(objective: torch.nn.Module, lm: torch.nn.Module, parallel: str, info: DistInfo,
                       device: torch.device, bf16: bool, replicas: int = 1) -> torch.nn.Module:
     """Wrap for data parallelism; a no-op on one process without a process group.
 
-    ``fsdp``: FSDP2 ``fully_shard`` per block then the root, over :func:`data_parallel_mesh` (HSDP when
-    ``replicas > 1``); it runs on a meta-device shell, and with a one-rank group too (bf16 compute with fp32 master
-    weights on one GPU). ``ddp``: DistributedDataParallel over materialised weights.
+    ``fsdp``: FSDP2 over :func:`data_parallel_mesh` (HSDP when ``replicas > 1``), as torchtitan lays it out: a unit
+    per block, one for the final norm and the head (:func:`head_unit`; not resharded after forward, since backward
+    needs them at once), and the root (the objective) for the input embeddings. The head's unit is all-gathered
+    when the final norm runs, while the last blocks compute, and reduce-scattered as backward leaves it, instead of
+    at the start of the forward and exposed at the end of the backward as a root unit would be. The embeddings stay
+    with the root: the bag mean reads their weight directly (``embedding_bag``), not through the module's forward,
+    so only the root's all-gather precedes it. It runs on a meta-device shell, and with a one-rank group too (bf16
+    compute with fp32 master weights on one GPU). ``ddp``: DistributedDataParallel over materialised weights.
     """
     if shards(parallel):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -189,13 +244,61 @@ def apply_parallelism(objective: torch.nn.Module, lm: torch.nn.Module, parallel:
               else MixedPrecisionPolicy())
         for block in decoder_layers(lm):
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(objective, mesh=mesh, mp_policy=mp)  # the root owns embeddings, final norm and head
+        if last := head_unit(lm):
+            fully_shard(last, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(objective, mesh=mesh, mp_policy=mp)
         return objective
     if parallel == "ddp" and info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     return objective
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot build kernels for ``device`` here; None when it can.
+
+    Checked up front, so that a machine without a compiler trains eagerly instead of failing at the first step:
+    inductor writes C++ for the CPU, and Triton kernels (plus a C launcher Triton builds with ``CC``/gcc/clang) on
+    CUDA.
+    """
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version_info.major}.{sys.version_info.minor}"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed or does not support this GPU"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "no C compiler for Triton's launcher (gcc, clang or $CC)"
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return "no C++ compiler for inductor's CPU kernels (g++ or $CXX)"
+    return None
+
+
+def compile_blocks(lm: torch.nn.Module, device: torch.device) -> bool:
+    """torch.compile each block's ``forward``, after wrapping; False (with one warning) when compiling cannot work.
+
+    The forward, not the module's call: FSDP2's hooks run in the call around it, outside the compiled region, so
+    the graph has no breaks at them (compiling the call, as ``Module.compile`` does, traces into the hooks, which
+    dynamo skips). Blocks share one code object and see ``[B, L, d]`` in every phase, so one graph serves them all;
+    the module and its state-dict names stay as they are (no ``_orig_mod``).
+    """
+    reason = compile_unavailable(device)
+    if reason:
+        warnings.warn(f"train.compile: {reason}; the blocks run eagerly", stacklevel=2)
+        return False
+    for block in decoder_layers(lm):
+        block.forward = torch.compile(block.forward)
+    return True
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -208,10 +311,18 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def accumulation_context(wrapped: torch.nn.Module, last: bool) -> ContextManager:
     """What a micro-batch's backward runs under during gradient accumulation.
 
-    FSDP2: nothing. Gradients are reduce-scattered after every micro-batch, so a rank only ever holds its 1/world
-    shard of them (torchtitan does the same); turning the sync off would keep full-size fp32 gradients on every
-    rank until the last micro-batch. DDP holds full gradients anyway, so it all-reduces only on the last one.
+    FSDP2: gradients are reduce-scattered after every micro-batch, so a rank only ever holds its 1/shard part of
+    them (torchtitan does the same); turning the sync off would keep full-size fp32 gradients on every rank until
+    the last micro-batch. Under HSDP the all-reduce across replica groups (across nodes) runs on the last
+    micro-batch only: FSDP2 sums the earlier reduce-scattered shards aside (``set_requires_all_reduce``), so a step
+    crosses replicas once per unit, not once per unit and micro-batch. DDP holds full gradients anyway, so it
+    all-reduces only on the last one.
     """
-    if not last and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_all_reduce(last)
+    elif not last and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return wrapped.no_sync()
     return contextlib.nullcontext()
+

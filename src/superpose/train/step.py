@@ -23,14 +23,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import PreTrainedModel
 
 from ..errors import SuperposeError
-from ..models import build_model, materialize, read_pretrained, use_causal_sdpa
+from ..models import build_model, materialize, read_pretrained, use_autocast_experts, use_causal_sdpa
 from .config import RunConfig
 from .distributed import (
     DistInfo,
     accumulation_context,
     any_rank,
     apply_parallelism,
-    decoder_layers,
+    compile_blocks,
     shards,
     sum_across_ranks,
 )
@@ -96,9 +96,6 @@ class TrainModule:
         use_bf16 = train.dtype == "bf16" or (train.dtype == "auto" and device.type == "cuda")
         if train.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train.compile:  # per block: every block sees [B, L, d] in every phase, so it compiles once
-            for block in decoder_layers(self.model):
-                block.compile()
         self.sharded = shards(train.parallel)
         pretrained = cfg.model.init_from if init else ""
         seed = cfg.seed if init and not pretrained else None
@@ -106,14 +103,20 @@ class TrainModule:
             self._materialize(seed, pretrained)
         self.objective = apply_parallelism(LMObjective.from_config(self.model, cfg), self.model, train.parallel, info,
                                            device, use_bf16 and self.sharded, train.replicas)
+        self.compiled = train.compile and compile_blocks(self.model, device)  # after wrapping, as torchtitan does
         if self.sharded:
             self._materialize(seed, pretrained)
         o = cfg.optim
         # fused: one kernel per step, and it skips a non-finite update on the device (``found_inf``)
         self.optimizer = torch.optim.AdamW(_decay_groups(self.model, o.weight_decay), lr=o.lr,
                                            betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        # bf16 compute: FSDP2 casts the parameters (MixedPrecisionPolicy), where autocast would only upcast ops
+        # again; fp32 weights (DDP, one process) compute under autocast, the experts cast to bf16 by hand
+        autocast = use_bf16 and not self.sharded
+        if autocast:
+            use_autocast_experts(self.model)
         self._autocast = (
-            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
         )
         self._aux_coef = float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
 
@@ -189,18 +192,20 @@ class TrainModule:
         Each rank scores its contiguous share of the rows in no-grad micro-batches of ``eval_micro_batch_size``;
         the loss sums and target counts are reduced over ranks, so the result is one process's within rounding.
         Every rank runs the same number of forwards (FSDP gathers weights in each): a rank out of rows repeats one
-        with weight zero.
+        with weight zero. Compiled blocks run eagerly here unless a graph already fits: a no-grad forward fails the
+        training graphs' grad-mode guard, and compiling it (and each eval batch size) would stall the run mid-way.
         """
         self.model.eval()
         per_rank = -(-windows.shape[0] // self.info.world_size)
         mine = windows[self.info.rank * per_rank:(self.info.rank + 1) * per_rank]
         size = self.cfg.train.eval_micro_batch_size or 2 * self.cfg.micro_batch_size(self.info.world_size)
         total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
-        for i in range(-(-per_rank // size)):
-            chunk = mine[i * size:(i + 1) * size]
-            n = chunk.shape[0] * (chunk.shape[1] - 1)
-            total += self.loss(chunk if n else windows[:1], 1, "both").loss.double() * n
-            count += n
+        with torch.compiler.set_stance("eager_on_recompile") if self.compiled else contextlib.nullcontext():
+            for i in range(-(-per_rank // size)):
+                chunk = mine[i * size:(i + 1) * size]
+                n = chunk.shape[0] * (chunk.shape[1] - 1)
+                total += self.loss(chunk if n else windows[:1], 1, "both").loss.double() * n
+                count += n
         total, count = sum_across_ranks(torch.stack([total, total.new_tensor(count)]), self.info).tolist()
         return total / count
 
