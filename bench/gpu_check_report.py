@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from gpu_throughput import gpu_environment
+from gpu_env import gpu_environment
 from superpose.provenance import provenance
 
 FIGURES = ("mfu", "mfu_noncausal", "peak_memory_allocated_gib", "peak_memory_reserved_gib")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_throughput import bench_device, gpu_environment
+from gpu_env import bench_device, gpu_environment
 from superpose.provenance import provenance
 from superpose.data.prepare import prepare
 from superpose.errors import SuperposeError

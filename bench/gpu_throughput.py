@@ -16,7 +16,6 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gpu_env import bench_device, gpu_environment
 from superpose import method
 from superpose.flops import flops_per_step, mfu_both, peak_bf16_flops
 from superpose.losses import loss_path
@@ -39,28 +39,6 @@ TOY_SHAPE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads":
 TOY_EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 TOY = {"vocab": 4096, "seq_len": 64, "micro_batch_size": 2}
 """``--toy``: a shape small enough for the CPU rehearsal; every code path of the real shape is kept."""
-
-
-def gpu_environment(device: torch.device | None = None) -> dict[str, str | None]:
-    """The GPU, its driver and the CUDA runtime torch was built with, for every result file (None where there is
-    none: a CPU device, or no ``nvidia-smi`` on the PATH)."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type != "cuda":
-        return {"gpu": None, "driver": None, "cuda": torch.version.cuda}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        smi = []
-    return {"gpu": torch.cuda.get_device_name(device), "driver": smi[0] if smi else None, "cuda": torch.version.cuda}
-
-
-def bench_device(name: str) -> torch.device:
-    """An indexed CUDA device (the process group's ``device_id`` must carry an index), or the CPU."""
-    if name == "cpu":
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _sync(device: torch.device) -> None:

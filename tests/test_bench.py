@@ -17,7 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_throughput  # noqa: E402  (bench/ is not a package)
+import gpu_env  # noqa: E402  (bench/ is not a package)
+import gpu_throughput  # noqa: E402
 
 
 def _check(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -49,16 +50,16 @@ def test_gpu_environment_without_nvidia_smi(monkeypatch: pytest.MonkeyPatch) -> 
     def missing(*args: object, **kwargs: object) -> None:
         raise FileNotFoundError("nvidia-smi")
 
-    monkeypatch.setattr(gpu_throughput.subprocess, "run", missing)
+    monkeypatch.setattr(gpu_env.subprocess, "run", missing)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    env = gpu_throughput.gpu_environment(torch.device("cuda", 0))
+    env = gpu_env.gpu_environment(torch.device("cuda", 0))
     assert env["gpu"] == "NVIDIA H200" and env["driver"] is None
 
 
 def test_the_cuda_device_carries_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert gpu_throughput.bench_device("cuda") == torch.device("cuda", 3)
-    assert gpu_throughput.bench_device("cpu") == torch.device("cpu")
+    assert gpu_env.bench_device("cuda") == torch.device("cuda", 3)
+    assert gpu_env.bench_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("doc", ["docs/distributed.md", "bench/README.md"])
