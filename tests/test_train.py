@@ -219,3 +219,33 @@ def test_start_up_builds_the_model_and_parses_the_train_state_once(tiny_config, 
                         classmethod(lambda cls, *a: parses.append(a) or real(cls, *a)))
     shutil.rmtree(list_checkpoints(cfg.run_dir)[-1])
     assert train(cfg, resume=True, progress=False).steps == 4 and len(parses) == 1
+
+
+def test_throughput_on_cuda_waits_once_and_reports_both_mfu_figures(monkeypatch):
+    """The CUDA branch, on a CPU: the warm-up step is waited for once (no other sync), every row has peak memory,
+    and MFU is the window's FLOP rate over the H200 peak, counted both ways (causal attention and PaLM's)."""
+    from superpose.flops import flops_per_step
+    from superpose.models import model_config
+    from superpose.train.state import TrainState
+
+    synced, clock = [], [0.0]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    config, state, cuda = model_config("tiny", 512), TrainState(), torch.device("cuda")
+    throughput = callbacks.Throughput(state, 4, 16, config, cuda, world_size=1)
+    rows = []
+    for step, seconds in enumerate([50.0, 2.0, 2.0]):  # a slow first step (compilation), then 2 s per step
+        throughput.pre_step(step)
+        clock[0] += seconds
+        state.advance(4 * 17, 0, clock[0])
+        throughput.post_step(step + 1, None)
+        if step != 1:  # rows at steps 1 and 3
+            rows.append({})
+            throughput.log_metrics(rows[-1])
+    assert synced == [cuda]
+    assert rows[0] == {"peak_memory_gb": 3.0}  # step 1 alone: no window
+    assert rows[1]["step_time"] == 2.0 and rows[1]["peak_memory_gb"] == 3.0
+    for key, causal in (("mfu", True), ("mfu_noncausal", False)):
+        assert rows[1][key] == pytest.approx(flops_per_step(config, 4, 16, causal=causal) / 2.0 / 989e12)

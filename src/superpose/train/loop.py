@@ -193,7 +193,7 @@ class Trainer:
 
     def fit(self) -> RunResult:
         """Train from the current step to the end, or until a stop request (then with a checkpoint)."""
-        write_run_files(self)
+        _write_run_files(self)
         stopped = None
         with _running(self) as (signals, tick):
             for step in range(self.state.step, self.cfg.train.steps):
@@ -207,7 +207,7 @@ class Trainer:
                     self.console.say(f"{stopped}: stopped after step {self.state.step} with a checkpoint; "
                                      f"continue with --resume")
                     break
-        return run_result(self, stopped)
+        return _run_result(self, stopped)
 
     def _step(self, step: int) -> None:
         """Optimizer step ``step`` through the callbacks: pre_step, the update, post_step, the row where one is
@@ -298,7 +298,7 @@ def _lr(cfg: RunConfig, schedule: PhaseSchedule, step: int) -> float:
         step, schedule.switch_steps(), cfg.tst.rewarmup_steps)
 
 
-def run_result(trainer: Trainer, stopped: str | None) -> RunResult:
+def _run_result(trainer: Trainer, stopped: str | None) -> RunResult:
     """Where the run is and how it ended; a mixture's data accounting said once at the end."""
     state, evaluator, sources = trainer.state, trainer.evaluator, source_counts(trainer.state.loader)
     if trainer.resumed and math.isnan(evaluator.last):  # resumed a finished run: report its last validation
@@ -333,7 +333,7 @@ def run_callbacks(trainer: Trainer) -> list[Callback]:
     ]
 
 
-def write_run_files(trainer: Trainer) -> None:
+def _write_run_files(trainer: Trainer) -> None:
     """The run folder is self-contained: resolved config, model config, tokenizer and what the run is."""
     cfg, info, inputs, schedule = trainer.cfg, trainer.info, trainer.inputs, trainer.schedule
     if info.is_main:
