@@ -25,7 +25,9 @@ from superpose.files import file_sha256
 from superpose.train.checkpoint import list_checkpoints
 from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
-from superpose.train.metrics import dashboard_tag, read_metrics
+from superpose.train.callbacks import Evaluator
+from superpose.train.config import LogConfig
+from superpose.train.metrics import MetricsWriter, dashboard_tag, read_metrics
 
 from conftest import make_tiny_config, run_error, torchrun
 
@@ -121,6 +123,35 @@ def test_any_finite_positive_weights_give_finite_shares_and_a_finite_mixed_loss(
     losses = {f"s{k}": data.draw(st.floats(0, 20)) for k in range(len(weights))}
     mean = weighted_mean(losses, {f"s{k}": w for k, w in enumerate(weights)})
     assert math.isfinite(mean) and min(losses.values()) * (1 - 1e-12) <= mean <= max(losses.values()) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("weights, expected", [((1.7e308, 1.7e308), 4.0), ((5e-324, 1e308), 5.0)])
+def test_evaluator_mixes_source_losses_with_extreme_weights(weights, expected):
+    """The trainer's validation (not only the helper) mixes with the safe mean: a float sum of these weights
+    overflows to inf (NaN loss) or underflows the smaller share."""
+
+    class Module:
+        def eval_loss(self, windows):
+            return float(windows)
+
+    class Quiet:
+        def say(self, line):
+            pass
+
+    evaluator = Evaluator(Module(), {"a": 3.0, "b": 5.0}, dict(zip("ab", weights)), True, 1, 1, Quiet())
+    assert evaluator.evaluate() == {"val_loss": expected, "val_loss/a": 3.0, "val_loss/b": 5.0}
+
+
+def test_metrics_rows_are_strict_json_and_read_back_as_logged(tmp_path):
+    """A skipped step's NaN loss (or an infinite one) is written as null, never as bare NaN/Infinity, and read back
+    as NaN."""
+    writer = MetricsWriter(tmp_path, log=LogConfig(tensorboard=False))
+    writer.write({"step": 1, "train_loss": math.nan, "grad_norm": math.inf, "lr": 0.5})
+    writer.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} written into metrics.jsonl"))
+    [row] = read_metrics(tmp_path / "metrics.jsonl")
+    assert math.isnan(row["train_loss"]) and math.isnan(row["grad_norm"]) and row["lr"] == 0.5
 
 
 @pytest.mark.parametrize("weights", [[1.7e308, 1.7e308], [5e-324, 1e308], [1e308, 5e-324, 1.0]])

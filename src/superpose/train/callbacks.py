@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from ..data.mixture import source_counts
+from ..data.mixture import source_counts, weighted_mean
 from ..errors import TrainingStopped
 from ..flops import mfu_both
 from .console import Console
@@ -206,7 +206,7 @@ class Evaluator(Callback):
     def evaluate(self) -> dict[str, float]:
         """The metrics of one validation: ``val_loss``, and per source for a mixture."""
         losses = {name: self.module.eval_loss(windows) for name, windows in self.windows.items()}
-        self.last = sum(self.weights[name] * loss for name, loss in losses.items()) / sum(self.weights.values())
+        self.last = weighted_mean(losses, self.weights)
         return {"val_loss": self.last} | ({f"val_loss/{name}": loss for name, loss in losses.items()}
                                           if self.per_source else {})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             # Rows after the checkpoint were written by the interrupted run and will be written again.
             rows = [r for r in read_metrics(self.path, partial_ok=True) if r["step"] <= resume_step]
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill here loses nothing
+            write_atomic(self.path, "".join(_json_line(r) for r in rows))  # a kill here loses nothing
         elif resume_step is None:
             self.path.write_text("")
         self._file = self.path.open("a")
@@ -72,7 +73,7 @@ class MetricsWriter:
         self._wandb = _start_wandb(Path(run_dir), log.wandb_project, config, resume_step is not None) if log.wandb else None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(_json_line(row))
         self._file.flush()
         scalars = {dashboard_tag(k): v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
@@ -111,13 +112,21 @@ def _start_wandb(run_dir: Path, project: str, config: dict[str, Any] | None, res
     return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One row as strict JSON: a non-finite number (a skipped step's loss) is written as null, which any JSON reader
+    takes, instead of the bare NaN/Infinity that Python's json writes and most others refuse."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def read_metrics(path: Path, partial_ok: bool = False) -> list[dict[str, Any]]:
-    """All rows of a ``metrics.jsonl``; ``partial_ok`` drops a last line cut short by a killed process."""
+    """All rows of a ``metrics.jsonl`` (a null number read back as NaN, as it was logged); ``partial_ok`` drops a last
+    line cut short by a killed process."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            rows.append({k: math.nan if v is None else v for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             if not (partial_ok and i == len(lines) - 1):
                 raise
