@@ -92,7 +92,7 @@ def test_family_quantities_between_members_and_clamped():
 def test_family_lengths_round_and_refuse():
     assert family_lengths(DEFAULT_FAMILY, 12) == [6, 12, 24, 48]
     assert family_lengths((1.0, 0.5, 0.5, 0.01), 30) == [1, 15, 30]  # sorted, merged, at least one step
-    for bad in ((), (0.5, 2.0), (1.0, 0.0), (1.0, -2.0)):
+    for bad in ((), (0.5, 2.0), (1.0, 0.0), (1.0, -2.0), (1.0, float("inf")), (1.0, float("nan")), (1.0, 1e308)):
         with pytest.raises(SuperposeError, match="include 1"):
             family_lengths(bad, 12)
 

@@ -36,7 +36,7 @@ from superpose.compare.plan import write_plan
 from superpose.errors import SuperposeError
 from superpose.train.config_load import load_config
 from superpose.train.faults import KILL_ENV
-from superpose.train.loop import CheckpointCadence
+from superpose.train.callbacks import CheckpointCadence
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
 SUPERPOSE = [sys.executable, "-m", "superpose"]
@@ -62,8 +62,8 @@ def test_iso_loss_over_a_partly_finished_family():
 
 
 def test_kept_steps_are_checkpointed_and_never_pruned():
-    cadence = CheckpointCadence(every=4, switches={5}, total=12, keep_steps={3, 6})
-    assert [cadence.kind(s, stop=False) for s in range(1, 13)] == [
+    cadence = CheckpointCadence(every=4, switches={5}, total=12, keep_steps={3, 6}, save=lambda keep: None)
+    assert [cadence.kind(s) for s in range(1, 13)] == [
         None, None, "keep", "periodic", "keep", "keep", None, "periodic", None, None, None, "keep"]
 
 
@@ -346,14 +346,15 @@ def test_planned_jobs_out_of_order_killed_and_rerun_report_what_compare_reports(
     capsys.readouterr()
 
 
-def test_a_sweep_collected_early_marks_its_running_cells(tmp_path):
-    from types import SimpleNamespace
-
+def test_a_sweep_collected_early_says_where_each_unfinished_cell_stands(tmp_path):
     from superpose.compare import sweep_extras
 
     cell = {"label": "s2-r0.2", "final_val_loss_mean": 4.5, "speedup_text": "> 1.50x", "speedup_mean": 1.5}
-    early = SimpleNamespace(summaries=[cell], extra={"grid": {"bags": [2, 4], "ratios": [0.2],
-                                                              "labels": [["s2-r0.2"], ["s4-r0.2"]]}})
+    arms = {"s4-r0.2": ["stopped", "running"], "s4-r0.4": ["stopped", "finished"], "s2-r0.4": ["not started"]}
+    early = SimpleNamespace(summaries=[cell], status=[{"label": label, "state": state} for label, states in
+                                                      arms.items() for state in states],
+                            extra={"grid": {"bags": [2, 4], "ratios": [0.2, 0.4],
+                                            "labels": [["s2-r0.2", "s2-r0.4"], ["s4-r0.2", "s4-r0.4"]]}})
     md, plots = sweep_extras(early, tmp_path)
-    assert "| 2 | 4.5000 / > 1.50x |" in md and "| 4 | running |" in md
+    assert "| 2 | 4.5000 / > 1.50x | not started |" in md and "| 4 | running | stopped |" in md
     assert plots == [] and not (tmp_path / "sweep_heatmap.png").exists()  # the heatmap waits for every cell

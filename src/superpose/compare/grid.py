@@ -34,15 +34,27 @@ def sweep(base: RunConfig, bags: Sequence[int], ratios: Sequence[float], seeds: 
     return result
 
 
+def _waiting(result: Comparison, label: str) -> str:
+    """Where a cell without a finished arm stands: the liveliest state among its arms (one per seed)."""
+    states = {s["state"] for s in result.status if s.get("label") == label}
+    return next((state for state in ("running", "running or stopped", "stopped") if state in states), "not started")
+
+
 def sweep_extras(result: Comparison, out: Path) -> tuple[str, list[str]]:
-    """The sweep's grid table (final loss and speedup per bag x ratio) and its heatmap (once every cell has an
-    arm: a plan's report may be collected while some still run)."""
+    """The sweep's grid table (final loss and speedup per bag x ratio; a cell without a finished arm says where its
+    arms stand) and its heatmap (once every cell has an arm: a plan's report may be collected while some still
+    run)."""
     bags, ratios = result.extra["grid"]["bags"], result.extra["grid"]["ratios"]
     by_label = {x["label"]: x for x in result.summaries}
-    cells = [[by_label.get(label) for label in row] for row in result.extra["grid"]["labels"]]
+    labels = result.extra["grid"]["labels"]
+    cells = [[by_label.get(label) for label in row] for row in labels]
+
+    def text(label: str) -> str:
+        c = by_label.get(label)
+        return f"{c['final_val_loss_mean']:.4f} / {c['speedup_text']}" if c else _waiting(result, label)
+
     table = markdown_table(["bag \\ ratio", *[f"{r:g}" for r in ratios]],
-                   [[bag, *[f"{c['final_val_loss_mean']:.4f} / {c['speedup_text']}" if c else "running"
-                            for c in row]] for bag, row in zip(bags, cells)])
+                           [[bag, *map(text, row)] for bag, row in zip(bags, labels)])
     md = "\n## Grid: final val loss / iso-loss speedup\n\n" + table + "\n"
     if any(c is None for row in cells for c in row):
         return md, []

@@ -27,8 +27,8 @@ def member_steps(multiple: float, steps: int) -> int:
 def family_lengths(multiples: Sequence[float], steps: int) -> list[int]:
     """The family's lengths in steps, shortest first; the multiples must be positive and include 1 (the TST run's
     own length, where the spike is measured and the ablation table reads its baseline)."""
-    if not multiples or any(m <= 0 for m in multiples) or 1.0 not in multiples:
-        raise SuperposeError(f"--family must be positive multiples of the run length that include 1, "
+    if not multiples or any(not m > 0 or not math.isfinite(m * steps) for m in multiples) or 1.0 not in multiples:
+        raise SuperposeError(f"--family must be positive finite multiples of the run length that include 1, "
                              f"got {list(multiples)}")
     return sorted({member_steps(m, steps) for m in multiples})
 

@@ -111,7 +111,10 @@ def check_comparison(base: RunConfig, variants: Sequence[Variant], seeds: int, f
     family_lengths(family, base.train.steps)
     check_warmup_fits(base, family)
     for variant in variants:
-        cfg = derive(base, tst={**BASELINE_TST, **variant.tst})
+        try:
+            cfg = derive(base, tst={**BASELINE_TST, **variant.tst})
+        except SuperposeError as e:
+            raise SuperposeError(f"{variant.label}: {e}") from None
         if max(cfg.phase_schedule().bags()) < 2:
             raise SuperposeError(f"{variant.label}: TST needs a stage with bag >= 2 and a ratio > 0 "
                                  "(bag 1 or ratio 0 is the baseline itself)")

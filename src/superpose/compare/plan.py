@@ -13,9 +13,10 @@ The jobs are the ones the in-process ``compare`` trains (``jobs.plan_jobs``), st
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import SuperposeError
 from ..files import atomic_dir, read_json_object, require_empty
@@ -29,6 +30,8 @@ SECTION_DEFAULTS: dict[str, Any] = {"seeds": 1, "family": list(DEFAULT_FAMILY), 
                                     "bags": [2, 4, 8], "ratios": [0.1, 0.2, 0.3], "gpus": 1, "nodes": 1}
 """The keys of a config's ``[compare]`` section and their defaults (the command line's options override them)."""
 ONLY_FOR = {"ablation": "compare", "bags": "sweep", "ratios": "sweep"}
+KINDS = ("compare", "sweep")
+"""What a plan holds: one comparison, or a sweep (a comparison over a grid, which its report draws)."""
 
 STOP_LEAD_S = 900
 """SIGTERM this long before the time limit, and torchrun's wait before SIGKILL just under it (docs/distributed.md)."""
@@ -231,22 +234,92 @@ def write_plan(out: Path, base: RunConfig, variants: Sequence[Variant], seeds: i
     return out / "plan.json"
 
 
+_MISSING = object()
+
+
+def _require(path: Path, field: str, value: Any, ok: Callable[[Any], bool], what: str) -> None:
+    """Refuse a plan.json field that is missing or not ``what``, in one line naming the file and the field."""
+    if value is _MISSING:
+        raise SuperposeError(f"{path}: {field} is missing; write the plan again with --plan")
+    if not ok(value):
+        shown = json.dumps(value)
+        raise SuperposeError(f"{path}: {field} must be {what}, got {shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and not any(c in value for c in "/\\\0")
+
+
+def _list_of(ok: Callable[[Any], bool], size: int | None = None) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and bool(value) and all(map(ok, value)) and size in (None, len(value))
+
+
+def _check_plan(path: Path, plan: dict[str, Any]) -> None:
+    """Every field the report reads, by type and required keys: a tampered plan.json is refused in one line."""
+    fields = [("kind", lambda v: v in KINDS, '"compare" or "sweep"'),
+              ("runs", lambda v: isinstance(v, str) and v != "", "the runs folder's path"),
+              ("base", lambda v: isinstance(v, dict), "a run config (a JSON object)"),
+              ("seeds", _is_int, "an integer >= 1"),
+              ("family", _list_of(_is_number), "a list of numbers"),
+              ("variants", _list_of(lambda v: isinstance(v, dict)), 'a list of {"label": ..., "tst": {...}}')]
+    for field, ok, what in fields:
+        _require(path, field, plan.get(field, _MISSING), ok, what)
+    for i, variant in enumerate(plan["variants"]):
+        _require(path, f"variants[{i}].label", variant.get("label", _MISSING), _is_name, "a folder-safe name")
+        _require(path, f"variants[{i}].tst", variant.get("tst", _MISSING), lambda v: isinstance(v, dict),
+                 "a JSON object of [tst] keys")
+    if plan["kind"] == "sweep":
+        _require(path, "grid", plan.get("grid", _MISSING), lambda v: isinstance(v, dict), "an object (a sweep's)")
+        grid = plan["grid"]
+        _require(path, "grid.bags", grid.get("bags", _MISSING), _list_of(_is_int), "a list of integers >= 1")
+        _require(path, "grid.ratios", grid.get("ratios", _MISSING), _list_of(_is_number), "a list of numbers")
+        bags, ratios = len(grid["bags"]), len(grid["ratios"])
+        _require(path, "grid.labels", grid.get("labels", _MISSING),
+                 _list_of(_list_of(lambda v: isinstance(v, str), ratios), bags),
+                 f"{bags} lists (one per bag) of {ratios} labels (one per ratio)")
+
+
 def read_plan(folder: Path) -> dict[str, Any]:
+    """``folder``'s plan.json with every field the report reads checked (a damaged or tampered file is refused in
+    one line naming it and the field)."""
     path = Path(folder) / "plan.json"
     if not path.is_file():
         raise SuperposeError(f"{folder} holds no plan.json; write one with superpose compare CONFIG --plan {folder}")
     plan = read_json_object(path)
     if plan.get("version") != 1:
         raise SuperposeError(f"{path} is not a superpose plan (version 1)")
+    _check_plan(path, plan)
     return plan
 
 
 def collect_plan(folder: Path) -> tuple[Comparison, dict[str, Any]]:
-    """The comparison of a plan as far as its runs have finished, and the plan."""
+    """The comparison of a plan as far as its runs have finished, and the plan (its ``base`` as validated, every key
+    filled in). A stopped run's status names the command that continues it."""
     plan = read_plan(folder)
-    base = config_from_dict(plan["base"])
+    path = Path(folder) / "plan.json"
+    try:
+        base = config_from_dict(plan["base"])
+    except SuperposeError as e:
+        raise SuperposeError(f"{path}: base: {e}") from None
     variants = [Variant(v["label"], v["tst"]) for v in plan["variants"]]
+    try:
+        check_comparison(base, variants, plan["seeds"], plan["family"])
+    except SuperposeError as e:
+        raise SuperposeError(f"{path}: {e}") from None
+    plan["base"] = base.to_dict()
     result = collect(base, variants, plan["seeds"], plan["family"], Path(plan["runs"]), partial=True)
-    if "grid" in plan:
+    jobs = Path(folder).resolve() / "jobs"
+    for status in result.status:
+        if status["state"] == "stopped":
+            status["resume"] = f"superpose train {_sh(jobs / status['run'] / 'config.toml')} --resume"
+    if plan["kind"] == "sweep":
         result.extra["grid"] = plan["grid"]
     return result, plan

@@ -120,15 +120,20 @@ def _family(comparison: Comparison) -> list[str]:
 
 
 def _status(comparison: Comparison) -> list[str]:
-    """The runs not finished yet (a plan collected early); nothing when every run has finished."""
+    """The runs not finished yet (a plan collected early), and how to continue a stopped one; nothing when every run
+    has finished."""
     waiting = [s for s in comparison.status if s["state"] != "finished"]
     if not waiting:
         return []
+    resume = any("resume" in s for s in waiting)
     return ["", "## Not finished yet", "", f"{len(waiting)} of {len(comparison.status)} runs have not finished; "
             "their numbers are missing above, and a speedup the finished baselines do not bracket is a bound. "
-            "Collect again when they have.", "", markdown_table(
-                ["run", "kind", "state", "step"],
-                [[s["run"], s["kind"], s["state"], f"{s['step']} of {s['steps']}"] for s in waiting])]
+            "Collect again when they have. Running: a live process holds the run folder's lock; stopped: it has "
+            "steps but no live process (killed, or its job ended), and continues from its last checkpoint with the "
+            "command shown (or the plan's launcher again).", "", markdown_table(
+                ["run", "kind", "state", "step", *(["continue with"] if resume else [])],
+                [[s["run"], s["kind"], s["state"], f"{s['step']} of {s['steps']}",
+                  *([f"`{s['resume']}`" if "resume" in s else "–"] if resume else [])] for s in waiting])]
 
 
 def report_markdown(comparison: Comparison, title: str, command: str, plot_files: Sequence[str],

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import SuperposeError
-from ..files import read_json_object
+from ..files import FolderLock, read_json_object
 from ..flops import superpose_overhead_flops
 from ..train.config import RunConfig
 from ..train.config_load import load_config
@@ -46,6 +46,37 @@ def read_rows(cfg: RunConfig) -> list[dict[str, Any]]:
 def is_finished(cfg: RunConfig, rows: list[dict[str, Any]]) -> bool:
     """Whether ``rows`` end at the run's last step with its final evaluation."""
     return bool(rows) and rows[-1]["step"] == cfg.train.steps and "val_loss" in rows[-1]
+
+
+def is_locked(folder: Path) -> bool | None:
+    """Whether a live process holds ``folder``'s lock (a run being trained does, rank 0 for all its ranks); None when
+    this process cannot tell (a file system without ``flock``, a folder it may not write to).
+
+    ``FolderLock`` offers no query, so the lock is taken without waiting and let go at once. The kernel drops the
+    lock of a process that died in any way, SIGKILL included, so a killed run's folder is free. A ``superpose train``
+    starting in those microseconds is refused in one line ("in use by another process"); started again, it
+    continues (``--resume``), as after any stop.
+    """
+    try:
+        with FolderLock(folder, "run folder"):
+            return False
+    except SuperposeError:
+        return True
+    except OSError:
+        return None
+
+
+def run_state(cfg: RunConfig, rows: Rows, done: bool) -> str:
+    """finished, running (a live process holds the run folder's lock), stopped (it has steps but no live process:
+    killed, or its job ended; ``--resume`` continues it), not started, or "running or stopped" (no way to tell)."""
+    if done:
+        return "finished"
+    if not cfg.run_dir.is_dir():  # never create a folder to probe it
+        return "not started"
+    live = is_locked(cfg.run_dir)
+    if live is None:
+        return "running or stopped"
+    return "running" if live else "stopped" if rows else "not started"
 
 
 def _world_size(cfg: RunConfig) -> int:
@@ -150,7 +181,8 @@ class Comparison:
     setup: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     status: list[dict[str, Any]] = field(default_factory=list)
-    """Every planned run: id, kind, state (finished / running / not started), step reached, steps."""
+    """Every planned run: id, kind, an arm's variant label, state (:func:`run_state`), step reached, steps; a plan's
+    stopped run also the command that continues it (``resume``)."""
 
 
 def _finished_rows(jobs: Sequence[Job], partial: bool) -> tuple[dict[str, Rows], Rows]:
@@ -169,8 +201,8 @@ def _finished_rows(jobs: Sequence[Job], partial: bool) -> tuple[dict[str, Rows],
             finished[job.id] = rows
         elif not partial:
             raise SuperposeError(f"{job.cfg.run_dir} has not finished")
-        status.append({"run": job.id, "kind": job.kind, "state": "finished" if done else "running" if rows
-                       else "not started", "step": rows[-1]["step"] if rows else 0, "steps": job.cfg.train.steps})
+        status.append({"run": job.id, "kind": job.kind, "label": job.label, "state": run_state(job.cfg, rows, done),
+                       "step": rows[-1]["step"] if rows else 0, "steps": job.cfg.train.steps})
     return finished, status
 
 
