@@ -344,10 +344,11 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise SuperposeError(f"tst: {e}") from None
 
-    def validate(self, world_size: int = 1) -> "RunConfig":
+    def validate(self, world_size: int = 1) -> PhaseSchedule:
         """Check what types cannot, section by section; raise a one-line SuperposeError naming the key.
 
-        ``world_size`` is the job's process count, read once at start-up (batch sizes must divide over it).
+        ``world_size`` is the job's process count, read once at start-up (batch sizes must divide over it). Returns
+        the phase schedule the check built, for the caller to hand on rather than build again.
         """
         _require(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
                  f"name: {self.name!r} is not a plain folder name")
@@ -360,8 +361,7 @@ class RunConfig:
         self.eval.validate()
         self.checkpoint.validate()
         self.log.validate()
-        self.phase_schedule()
-        return self
+        return self.phase_schedule()
 
     def to_dict(self) -> dict[str, Any]:
         """The config as TOML-ready tables; a multi-stage ``tst.schedule`` leaves out the bag/ratio it replaces."""

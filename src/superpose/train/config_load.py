@@ -107,7 +107,9 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), world_size
         if chosen and isinstance(data.get(name), dict):
             dropped = {key for group in groups if group != chosen for key in group}
             data = {**data, name: {k: v for k, v in data[name].items() if k not in dropped}}
-    return _from_dict(RunConfig, apply_overrides(data, list(overrides))).validate(world_size)
+    cfg = _from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    cfg.validate(world_size)
+    return cfg
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -89,11 +89,11 @@ class RunInputs:
     mixed: bool = False
 
     @classmethod
-    def open(cls, cfg: RunConfig, world_size: int) -> "RunInputs":
+    def open(cls, cfg: RunConfig, schedule: PhaseSchedule) -> "RunInputs":
+        """Open and check what ``cfg`` (validated, with ``schedule`` from its validation) reads."""
         mixture = cfg.data.mixture()
         datasets = open_sources([path for _, path, _ in mixture], tokenizer=cfg.data.tokenizer or None)
         data = datasets[0]
-        schedule = cfg.phase_schedule()
         L, B = cfg.train.seq_len, cfg.train.batch_size
         sources = [Source(name, weight, ds.split("train")) for (name, _, weight), ds in zip(mixture, datasets)]
         for source in sources:
@@ -116,9 +116,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
     every rank calls this; rank 0 alone writes files and shows progress, and holds the run folder's lock.
     ``callbacks`` run after the run's own (train/callbacks.py), in order; under torchrun give every rank the same.
     """
-    world = torchrun_env().world_size
-    cfg.validate(world)
-    inputs = RunInputs.open(cfg, world)
+    inputs = RunInputs.open(cfg, cfg.validate(torchrun_env().world_size))
     _find_checkpoint(cfg, resume)  # refuse bad input before the process group and the lock exist
     info, device = init_distributed(cfg.train.device)
     if device.type == "cuda" and not info.enabled and cfg.train.parallel == "fsdp":
