@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from superpose.models import build_model, model_config
+from superpose.models import build_model, model_config, use_causal_sdpa
 from superpose.provenance import provenance
 from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
@@ -94,11 +94,13 @@ def trainer_seconds_per_step(data: Path, preset: str, batch: int, seq_len: int, 
 def plain_seconds_per_step(data: Path, preset: str, batch: int, seq_len: int, warmup: int, steps: int,
                            lr: float = 2e-3, clip: float = 1.0) -> float:
     """Mean seconds per step over the steps after ``warmup`` of the loop a user would write (nanoGPT-style windows
-    from a memmap, logits then ``F.cross_entropy``, ``AdamW``, clipping, the LR set every step)."""
+    from a memmap, logits then ``F.cross_entropy``, ``AdamW``, clipping, the LR set every step), with the
+    trainer's attention kernel (SDPA with ``is_causal``, no mask)."""
     meta = json.loads((data / "meta.json").read_text())
     tokens = np.memmap(data / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"], mode="r")
     rng = np.random.default_rng(0)
     model = build_model(model_config(preset, meta["vocab_size"]))
+    use_causal_sdpa(model)  # the trainer's attention kernel, so the ratio measures the trainer's own work
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     t0 = 0.0
     for step in range(warmup + steps):
