@@ -1,6 +1,7 @@
 """2-4 gloo processes on CPU: FSDP2, HSDP and DDP match one process (weights at init, losses, eval); gradients stay
 sharded during accumulation; DCP checkpoints resume at any world size (torchrun runs of the whole trainer)."""
 
+import contextlib
 import os
 import resource
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import make_tiny_config, torchrun
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -163,20 +165,48 @@ def full_weights(module):
     return {k: v.clone() for k, v in full.items()}
 
 
+def fsdp_groups(module):
+    """FSDP2's parameter groups (one per unit that holds parameters)."""
+    states = {id(s): s for m in module.objective.modules() if isinstance(m, FSDPModule) for s in [m._get_fsdp_state()]}
+    return [s._fsdp_param_group for s in states.values() if s._fsdp_param_group is not None]
+
+
 def held_gradient_bytes(module):
-    """Gradient storage on this rank: the parameters' grads (FSDP2 shards) plus any unsharded grads FSDP2 keeps
-    aside between micro-batches when gradient sync is off."""
+    """Gradient storage on this rank: the parameters' grads (FSDP2 shards), any unsharded grads FSDP2 keeps aside
+    between micro-batches when gradient sync is off, and under HSDP the reduce-scattered shards it sums aside until
+    the last micro-batch's all-reduce."""
     tensors = [p.grad for p in module.model.parameters()]
-    for m in module.objective.modules():
-        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
-        for fp in group.fsdp_params if group else []:
+    for group in fsdp_groups(module):
+        tensors.append(group._partial_reduce_output)
+        for fp in group.fsdp_params:
             tensors += [fp.unsharded_accumulated_grad, getattr(getattr(fp, "_unsharded_param", None), "grad", None)]
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
                for t in tensors if t is not None)
 
 
+@contextlib.contextmanager
+def replica_all_reduces(info, replicas):
+    """Count (in the list yielded, per step: append before each) the all-reduces over this rank's replica group,
+    the ranks holding the same shard in each replica group: HSDP's cross-node gradient reduction."""
+    counts, real = [], dist.all_reduce
+    shard = info.world_size // replicas
+    mine = [info.rank % shard + k * shard for k in range(replicas)]
+
+    def counted(tensor, *args, group=None, **kwargs):
+        if group is not None and dist.get_process_group_ranks(group) == mine:
+            counts[-1] += 1
+        return real(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counted if replicas > 1 else real
+    try:
+        yield counts
+    finally:
+        dist.all_reduce = real
+
+
 def train_scenario(info, **train):
-    """Init weights, three steps (recording gradient bytes between micro-batches), one distributed eval."""
+    """Init weights, three steps (recording gradient bytes between micro-batches and, under HSDP, cross-replica
+    all-reduces per step), one distributed eval."""
     module = TrainModule(module_config(world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
     out = {"init": full_weights(module), "losses": [], "held": [],
            "full_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
@@ -191,10 +221,13 @@ def train_scenario(info, **train):
         return TrainModule.loss(module, *args)
 
     module.loss = loss
-    for step, bag in enumerate(BAGS):
-        result = module.train_step(global_window(step, bag)[rows], bag, 1e-3)
-        out["losses"].append(result.to_host())
+    with replica_all_reduces(info, train.get("replicas", 1)) as out["replica_all_reduces"]:
+        for step, bag in enumerate(BAGS):
+            out["replica_all_reduces"].append(0)
+            result = module.train_step(global_window(step, bag)[rows], bag, 1e-3)
+            out["losses"].append(result.to_host())
     del module.loss
+    out["units"] = len(fsdp_groups(module)) if module.sharded else 0
     out["eval"] = module.eval_loss(validation())
     return out
 
@@ -271,6 +304,9 @@ def test_hsdp_two_by_two_matches_one_process(one_process, tmp_path):
     ranks = spawn(4, tmp_path, parallel="fsdp", replicas=2, micro_batch_size=1)
     assert_same_run(ranks, one_process)
     assert all(0.45 * r["full_bytes"] < max(r["held"]) < 0.55 * r["full_bytes"] for r in ranks)
+    # 2 micro-batches a step: the replicas all-reduce once per unit and step (4 blocks and the root), not per
+    # micro-batch
+    assert all(r["units"] == 5 and r["replica_all_reduces"] == [5] * len(BAGS) for r in ranks)
 
 
 def test_ddp_matches_one_process(one_process, tmp_path):

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from superpose import method
@@ -174,11 +175,14 @@ def test_fsdp_units_as_torchtitan_lays_them_out(one_rank_group, loss_chunk):
     module = make_module(overrides=untied, loss_chunk=loss_chunk)
     assert fsdp_units(module) == [{"model.embed_tokens.weight"}, *block_units(4), {"model.norm.weight", "lm_head.weight"}]
     steps = [module.train_step(window(bag, i), bag, 1e-3).to_host() for i, bag in enumerate((4, 1))]
+    weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True))
     shutdown()
     plain = make_module(overrides=untied, loss_chunk=loss_chunk)
     for i, (bag, got) in enumerate(zip((4, 1), steps)):
         want = plain.train_step(window(bag, i), bag, 1e-3).to_host()
         assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+    for name, value in plain.model.state_dict().items():  # what a checkpoint of either run holds
+        torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0)
     init_one_rank_group(torch.device("cpu"))
 
 
