@@ -1,7 +1,8 @@
 """A damaged prepare work folder (`.prepare-NAME`) heals to the shards of an undisturbed run, or is one line.
 
-Every work file's SHA-256 is logged when the file is complete; a continuing run keeps only what matches. Case count
-(hypothesis max_examples): damaged work files 60.
+Every work file's SHA-256 is logged when the file is complete, every encoded chunk's (part's) in the index of
+parts.bin, the one file all parts are appended to; a continuing run keeps only what matches. Case count (hypothesis
+max_examples): damaged work files 60.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
                     prepare([str(corpus)], root / "out", **KW)
             built[stage] = root / stage
             (root / ".prepare-out").rename(built[stage])
-    assert len(list((built["parts"] / "parts").iterdir())) > 4 and not (built["read"] / "parts").exists()
+    assert len(prep._Parts(built["parts"]).spans) > 4 and not (built["read"] / prep.PARTS_FILE).exists()
     return built
 
 
@@ -66,11 +67,17 @@ def small_units(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def damaged(built: dict, tmp_path: Path, name: str, edit, stage: str = "parts") -> Path:
-    """A copy of a pristine work folder as `.prepare-out` under tmp_path, with file `name` replaced by edit(bytes)."""
+    """A copy of a pristine work folder as `.prepare-out` under tmp_path, with file `name` replaced by edit(bytes);
+    `name` "part N" edits chunk N's part inside parts.bin (in place: a part of another length moves those after
+    it)."""
     work = tmp_path / ".prepare-out"
     for leftover in (work, tmp_path / "out"):
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(built[stage], work)
+    if name.startswith("part "):
+        _, offset, length = prep._Parts(work).spans[int(name.split()[1])]
+        name, edit = prep.PARTS_FILE, lambda blob, part=edit: (blob[:offset] + part(blob[offset:offset + length])
+                                                               + blob[offset + length:])
     path = work / name
     path.write_bytes(edit(path.read_bytes()))
     return work
@@ -105,12 +112,29 @@ def half(blob: bytes) -> bytes:
     return blob[: len(blob) // 2]
 
 
+def index_lines(edit):
+    """An edit of parts.index, line by line (the trailing empty string kept)."""
+    return lambda blob: "\n".join(edit(blob.decode().split("\n"))).encode()
+
+
+def relabel_chunk_2_as_3(lines: list[str]) -> list[str]:
+    """Chunk 2's line, appended again as chunk 3's: the checksum covers the chunk's number, so 3 is made again."""
+    sha256, _, offset, length = next(line for line in lines if line.split(" ")[1:2] == ["2"]).split(" ")
+    return [*lines[:-1], f"{sha256} 3 {offset} {length}", ""]
+
+
 @pytest.mark.parametrize(("name", "edit", "note"), [
     ("documents.cache", lambda blob: blob.replace(b"doc 7:", b"doc 8:"), None),  # before encoding: read again
-    ("parts/00000002.npz", change_one_id, "made again 1 part file(s) that did not match their checksums"),
-    ("parts/00000000.npz", pickled_part, "parts/00000000.npz"),
-    ("parts/00000001.npz", lambda blob: b"", "parts/00000001.npz"),
-    ("parts/00000003.npz", half, "parts/00000003.npz"),
+    ("part 2", change_one_id, "made again 1 part(s) that did not match their checksums in "),
+    ("part 0", pickled_part, "parts.bin: chunk 0, 1, 2, ..."),  # parts after a longer one have moved
+    ("part 1", lambda blob: b"", "parts.bin: chunk 1, 2, 3, ..."),
+    ("part 3", half, "parts.bin: chunk 3, 4, 5, ..."),
+    ("parts.bin", half, "made again "),
+    ("parts.bin", lambda blob: blob + b"PK\x03\x04 a part cut by a kill", None),
+    ("parts.index", lambda blob: blob + b"0123abc", None),  # a line cut by a kill
+    ("parts.index", index_lines(lambda lines: [line for line in lines if line.split(" ")[1:2] != ["2"]]), None),
+    ("parts.index", index_lines(relabel_chunk_2_as_3), "parts.bin: chunk 3\n"),
+    ("parts.index", lambda blob: b"", None),
     ("documents.cache", half, None),
     ("documents.offsets", half, None),
     ("documents.offsets", lambda blob: b"\xff" * len(blob), None),
@@ -121,12 +145,12 @@ def half(blob: bytes) -> bytes:
 ])
 def test_damaged_work_file_is_made_again_to_identical_shards(built: dict, tmp_path: Path, small_units: None,
                                                              name: str, edit, note: str | None) -> None:
-    damaged(built, tmp_path, name, edit, "parts" if name.startswith("parts/") else "read")
+    damaged(built, tmp_path, name, edit, "parts" if name.startswith("part") else "read")
     out, said = continue_run(built, tmp_path)
     assert same_folders(out, built["reference"])
     assert not (tmp_path / ".prepare-out").exists()
     if note is not None:
-        assert any(note in line for line in said), said
+        assert any(note in line + "\n" for line in said), said
 
 
 def test_swapped_tokenizer_is_not_mixed_in(built: dict, tmp_path: Path, small_units: None) -> None:
@@ -153,16 +177,18 @@ def out_of_vocabulary(blob: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(("forge", "message"), [
-    (out_of_vocabulary, r"parts/00000002\.npz holds token id 60000, outside the vocabulary of 300: delete "),
-    (pickled_part, r"parts/00000002\.npz is not a part file prepare wrote \(Object arrays cannot be loaded when "
+    (out_of_vocabulary, r"^chunk 2 of .*parts\.bin holds token id 60000, outside the vocabulary of 300: delete "),
+    (pickled_part, r"^chunk 2 of .*parts\.bin is not a part prepare wrote \(Object arrays cannot be loaded when "
                    r"allow_pickle=False\): delete .*\.prepare-out to start over$"),
 ])
 def test_a_forged_part_with_a_matching_checksum_is_one_line(built: dict, tmp_path: Path, small_units: None,
                                                            forge, message: str) -> None:
-    """Checksums stop damage, not a forged log: assembling still checks every id against the vocabulary and never
+    """Checksums stop damage, not a forged index: assembling still checks every id against the vocabulary and never
     loads a pickle."""
-    work = damaged(built, tmp_path, "parts/00000002.npz", forge)
-    ChecksumLog(work).record("parts/00000002.npz")
+    work = damaged(built, tmp_path, "read.json", lambda blob: blob)
+    parts = prep._Parts(work)
+    part = forge(parts.read(2))
+    parts.add(2, part, prep._part_sha256(2, part))
     with pytest.raises(SuperposeError, match=message) as error:
         continue_run(built, tmp_path)
     assert "\n" not in str(error.value) and work.is_dir() and not (tmp_path / "out").exists()
@@ -189,7 +215,7 @@ def apply(edit: tuple[str, int, int], blob: bytes) -> bytes:
 
 
 WORK_FILES = ["arguments.json", "checksums.sha256", "documents.cache", "documents.offsets", "read.json",
-              "tokenizer.json", ".lock", "parts/00000000.npz", "parts/00000001.npz", "parts/00000004.npz"]
+              "tokenizer.json", ".lock", "parts.bin", "parts.index", "part 0", "part 4"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -205,7 +231,7 @@ def test_any_damaged_work_file_heals_to_identical_shards(built: dict, tmp_path: 
             blob = apply(e, blob)
         return blob
 
-    if stage == "read" and name.startswith("parts/"):
+    if stage == "read" and name.startswith("part"):
         name = "documents.cache"
     damaged(built, tmp_path, name, edit, stage)
     try:

@@ -111,7 +111,7 @@ def test_interrupted_encoding_resumes_without_redoing_finished_chunks(tmp_path: 
     reference = prepare(sources, tmp_path / "ref", **KW)
     encode, calls = prep._Encoder.__call__, []
 
-    def dies_after_three(self: prep._Encoder, chunk: prep._Chunk) -> str:
+    def dies_after_three(self: prep._Encoder, chunk: prep._Chunk) -> tuple[bytes, str]:
         if len(calls) == 3:
             raise Interrupt
         calls.append(chunk.index)
@@ -122,18 +122,40 @@ def test_interrupted_encoding_resumes_without_redoing_finished_chunks(tmp_path: 
     with pytest.raises(Interrupt):
         prepare(sources, out, **KW)
     work = tmp_path / ".prepare-out"
-    assert not out.exists() and len(list((work / "parts").iterdir())) == 3
+    assert not out.exists() and sorted(prep._Parts(work).spans) == calls == [0, 1, 2]
 
     with pytest.raises(SuperposeError, match=r"^.*\.prepare-out holds an unfinished prepare of .*out with other "
                                              r"arguments \(seed: 0 then, 1 now\): re-run it as before"):
         prepare(sources, out, **{**KW, "seed": 1})
-    assert len(list((work / "parts").iterdir())) == 3
+    assert sorted(prep._Parts(work).spans) == [0, 1, 2]
 
     seen: list[int] = []
     monkeypatch.setattr(prep._Encoder, "__call__", lambda self, chunk: (seen.append(chunk.index), encode(self, chunk))[1])
     prepare(sources, out, **KW)
     assert not set(seen) & set(calls) and seen
     assert same_folders(out, reference) and not work.exists()
+
+
+@pytest.mark.parametrize(("chunk_bytes", "workers"), [(1500, 2), (400, 1), (10**6, 1)])
+def test_the_work_folder_holds_the_same_files_for_any_number_of_chunks(tmp_path: Path, sources: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       chunk_bytes: int, workers: int) -> None:
+    """Killed when every chunk is encoded: the parts are two files (parts.bin and its index), not one a chunk, so a
+    terabyte does not put a quarter of a million files in one folder."""
+
+    def killed(*args: object) -> None:
+        raise Interrupt
+
+    monkeypatch.setattr(prep, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(prep, "_assemble", killed)
+    with pytest.raises(Interrupt):
+        prepare(sources, tmp_path / "out", workers=workers, **KW)
+    work = tmp_path / ".prepare-out"
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == [
+        ".lock", "arguments.json", "checksums.sha256", "documents.cache", "documents.offsets", "parts.bin",
+        "parts.index", "read.json", "tokenizer.json"]
+    chunks = len(prep._Parts(work).spans)
+    assert chunks > 10 if chunk_bytes < 2000 else chunks == 1
 
 
 def test_interrupted_reading_starts_the_read_again(tmp_path: Path, sources: list[str],
@@ -179,14 +201,15 @@ def test_sigkilled_cli_run_with_two_workers_resumes_to_the_same_output(tmp_path:
     subprocess.run(argv + [str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     job = subprocess.Popen(argv + [str(tmp_path / "out")], env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / ".prepare-out" / "parts"
+    index = tmp_path / ".prepare-out" / "parts.index"
     deadline = time.monotonic() + 60
-    while job.poll() is None and time.monotonic() < deadline and len(list(parts.glob("0*.npz"))) < 3:
+    while job.poll() is None and time.monotonic() < deadline and (not index.is_file() or
+                                                                  index.read_bytes().count(b"\n") < 3):
         time.sleep(0.005)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert not (tmp_path / "out").exists(), "the run finished before it could be killed: make the corpus larger"
-    done = len(list(parts.glob("0*.npz")))
+    done = len(prep._Parts(tmp_path / ".prepare-out").spans)
     subprocess.run(argv + [str(tmp_path / "out")], check=True, env=env, capture_output=True)
     assert done >= 3 and same_folders(tmp_path / "out", tmp_path / "ref")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out", "ref", "run.py"]

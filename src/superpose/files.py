@@ -250,12 +250,18 @@ class ChecksumLog:
     def record(self, name: str, sha256: str | None = None) -> None:
         """Enter a complete file (its checksum computed here unless given, e.g. by the process that wrote it)."""
         sha256 = sha256 or file_sha256(self.folder / name)
-        with open(self.path, "a+b") as log:
-            size = log.seek(0, os.SEEK_END)
-            log.seek(max(size - 1, 0))
-            cut = size > 0 and log.read(1) != b"\n"  # a kill mid-line: end that line, which is no entry
-            log.write((b"\n" if cut else b"") + f"{sha256}  {name}\n".encode())
+        append_line(self.path, f"{sha256}  {name}")
         self.sums[name] = sha256
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` to a log of one entry a line, which a kill may have left cut mid-line: that line is ended
+    first (its reader skips it as no entry), so the new one is whole."""
+    with open(path, "a+b") as log:
+        size = log.seek(0, os.SEEK_END)
+        log.seek(max(size - 1, 0))
+        cut = size > 0 and log.read(1) != b"\n"
+        log.write((b"\n" if cut else b"") + f"{line}\n".encode())
 
 
 _SUM_LINE = re.compile(r"([0-9a-f]{64})  ([^\n]+)")

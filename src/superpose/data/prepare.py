@@ -5,16 +5,18 @@ Everything happens in a work folder beside the output (``.prepare-NAME``), which
 1. read: stream the documents once into a cache file plus an offsets file (feeding the BPE trainer on the way when
    no tokenizer is given). The cache makes every later step see identical documents, even for hub streams, and gives
    the document count that guarantees a non-empty validation split.
-2. encode: cut the (shuffled) document order into chunks of about CHUNK_BYTES and encode each, in worker processes,
-   into a part file. The chunks depend only on the corpus and the arguments, never on the number of workers.
+2. encode: cut the (shuffled) document order into chunks of about CHUNK_BYTES and encode each in a worker process;
+   the main process appends each encoded chunk (a part) to one file, parts.bin, and indexes it (_Parts). The chunks
+   depend only on the corpus and the arguments, never on the number of workers.
 3. assemble: append the parts in chunk order to the shards (hashing them on the way) and write meta.json.
 
 Memory is bounded by SHUFFLE_BLOCK documents' offsets and a few chunks per worker, whatever the corpus size. A run
 that is killed leaves the work folder; the same command continues it (a finished read and finished parts are kept),
-a different one is refused. Every work file's SHA-256 is logged when the file is complete (files.ChecksumLog), and a
-continuing run keeps only what matches: a damaged part is encoded again, a damaged read (document cache, offsets,
-tokenizer, its record) is read again, a damaged arguments.json starts the work over. A bad input (a SuperposeError)
-removes the folder, as nothing of it is worth keeping.
+a different one is refused. Every work file's SHA-256 is logged when the file is complete (files.ChecksumLog), every
+part's in the index of parts.bin, and a continuing run keeps only what matches: a damaged part is encoded again, a
+damaged read (document cache, offsets, tokenizer, its record) is read again, a damaged arguments.json starts the work
+over. A bad input (a SuperposeError) removes the folder, as nothing of it is worth keeping. The work folder holds
+the same few files whatever the corpus size or the number of workers, and the shards.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -59,20 +62,30 @@ from superpose.data.tokenizer import (
     vocab_size_of,
 )
 from superpose.errors import SuperposeError
-from superpose.files import ChecksumLog, FolderLock, commit_dir, file_sha256, first_line, require_empty, write_atomic
+from superpose.files import (
+    ChecksumLog,
+    FolderLock,
+    append_line,
+    commit_dir,
+    file_sha256,
+    first_line,
+    require_empty,
+    write_atomic,
+)
 
 WORK_PREFIX = ".prepare-"
 ARGUMENTS_FILE = "arguments.json"
 CACHE_FILE = "documents.cache"
 OFFSETS_FILE = "documents.offsets"
 READ_FILE = "read.json"
-PARTS = "parts"
+PARTS_FILE = "parts.bin"
+PARTS_INDEX = "parts.index"
 READ_FILES = (CACHE_FILE, OFFSETS_FILE, TOKENIZER_FILE, READ_FILE)  # what the read makes, trusted together
 # Documents are shuffled within consecutive blocks of this many (the whole corpus when smaller): one block's offsets,
 # permutation and flags (a few tens of bytes a document) are all a shuffle holds in memory.
 SHUFFLE_BLOCK = 1 << 22
 _SCORE_BLOCK = 1 << 22  # validation scores drawn per step while counting the held-out documents
-CHUNK_BYTES = 4 << 20  # text (or id bytes) per part file: the unit of parallel work and of resuming
+CHUNK_BYTES = 4 << 20  # text (or id bytes) per chunk: the unit of parallel work and of resuming
 ENCODE_BATCH_BYTES = 1 << 20  # text per encode_batch call inside a chunk
 _OFFSET_FLUSH = 1 << 16
 
@@ -167,12 +180,13 @@ def _build(work: Path, log: ChecksumLog, tok: Tokenizer | None, arguments: dict[
     eos, vocab = eos_id(tok), vocab_size_of(tok)
     dtype = token_dtype(vocab)
     offsets = np.memmap(work / OFFSETS_FILE, dtype=np.int64, mode="r")
-    encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), str(work), eos, dtype_name(dtype))
+    encoder = _Encoder(None if ids else tok.to_str(), str(work / CACHE_FILE), eos, dtype_name(dtype))
     workers = min(workers, -(-int(offsets[-1]) // CHUNK_BYTES))  # no process without a chunk to encode
-    n_chunks = _encode(_chunks(offsets, holdout, a["keep_order"], a["seed"]), encoder, workers, count, progress, log,
-                       say)
+    parts = _Parts(work)
+    n_chunks = _encode(_chunks(offsets, holdout, a["keep_order"], a["seed"]), encoder, workers, count, progress,
+                       parts, say)
     del offsets
-    splits = _assemble(work, log, n_chunks, dtype, vocab, eos, a["shard_tokens"], ids)
+    splits = _assemble(work, parts, n_chunks, dtype, vocab, eos, a["shard_tokens"], ids)
     write_meta(work, _meta(work, dtype, vocab, eos, a["sources"], a["seed"], a["keep_order"], a["val_fraction"],
                            a["max_bytes"], splits))
     return splits
@@ -200,8 +214,8 @@ def _text_documents(sources: list[str], text_field: str, hf_config: str | None, 
 
 def _drop_work_files(work: Path) -> None:
     """Leave only the shards and meta.json in the work folder, which then becomes the output."""
-    shutil.rmtree(work / PARTS)
-    for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, ChecksumLog.NAME, ".lock"):
+    for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, PARTS_FILE, PARTS_INDEX, ChecksumLog.NAME,
+                 ".lock"):
         (work / name).unlink(missing_ok=True)
 
 
@@ -295,7 +309,8 @@ def _read(work: Path, log: ChecksumLog, docs: Iterable[Any], tok: Tokenizer | No
     write_atomic(done, json.dumps(record) + "\n")
     after = {**cache.sha256, TOKENIZER_FILE: file_sha256(work / TOKENIZER_FILE), READ_FILE: file_sha256(done)}
     if after != before:  # parts made from another read, if any, go before this read is logged as done
-        shutil.rmtree(work / PARTS, ignore_errors=True)
+        for name in (PARTS_INDEX, PARTS_FILE):
+            (work / name).unlink(missing_ok=True)
     for name, sha256 in after.items():
         log.record(name, sha256)
     return record["documents"], tok, record["note"]
@@ -408,29 +423,68 @@ def _chunks(offsets: np.ndarray, holdout: _Holdout, keep_order: bool, seed: int)
             index += 1
 
 
-def _part(index: int) -> str:
-    """A part file's name in the work folder (and in its checksum log)."""
-    return f"{PARTS}/{index:08d}.npz"
-
-
 class WorkFileDamaged(SuperposeError):
-    """A part file that fails its checks while the shards are assembled: unlike a bad input, this keeps the work
-    folder (hours of encoding, perhaps); the message says whether the same command heals it or the folder must go."""
+    """A part that fails its checks while the shards are assembled: unlike a bad input, this keeps the work folder
+    (hours of encoding, perhaps); the message says whether the same command heals it or the folder must go."""
+
+
+def _part_sha256(index: int, part: bytes) -> str:
+    """SHA-256 of a chunk's number and its part: an index line vouches for that chunk's part and no other."""
+    return hashlib.sha256(index.to_bytes(8, "little") + part).hexdigest()
+
+
+_PART_LINE = re.compile(r"([0-9a-f]{64}) ([0-9]+) ([0-9]+) ([0-9]+)")
+
+
+class _Parts:
+    """Every encoded chunk (part) back to back in one file, parts.bin, and where each is in parts.index: a line
+    ``SHA256 CHUNK OFFSET LENGTH`` per part, the latest line of a chunk counting (hash: _part_sha256).
+
+    Only the main process writes both, and only by appending: the part first, then its line. So the file count is
+    two whatever the corpus size or the number of workers, no two processes ever append to one file (not atomic on
+    network file systems), a kill leaves at most a part no line points to and a cut line (no entry, as a damaged one
+    is), and a part that does not match its line is encoded again and appended anew.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.data, self.index = work / PARTS_FILE, work / PARTS_INDEX
+        self.spans: dict[int, tuple[str, int, int]] = {}  # chunk -> (sha256, offset, length)
+        if self.index.is_file():
+            for line in self.index.read_bytes().decode("utf-8", "replace").split("\n"):
+                if entry := _PART_LINE.fullmatch(line):
+                    self.spans[int(entry[2])] = (entry[1], int(entry[3]), int(entry[4]))
+
+    def read(self, index: int) -> bytes | None:
+        """Chunk `index`'s part, or None when it has no line or does not match it."""
+        if index not in self.spans or not self.data.is_file():
+            return None
+        sha256, offset, length = self.spans[index]
+        with open(self.data, "rb") as f:
+            part = os.pread(f.fileno(), length, offset)
+        return part if len(part) == length and _part_sha256(index, part) == sha256 else None
+
+    def add(self, index: int, part: bytes, sha256: str) -> None:
+        """Append chunk `index`'s part (hashed by the worker that made it) and then its line."""
+        with open(self.data, "ab") as f:
+            offset = f.seek(0, os.SEEK_END)
+            f.write(part)
+        append_line(self.index, f"{sha256} {index} {offset} {len(part)}")
+        self.spans[index] = (sha256, offset, len(part))
 
 
 class _Encoder:
-    """Turns a chunk into a part file of train and val ids (each document followed by EOS) and their counts.
+    """Turns a chunk into a part: an npz of train and val ids (each document followed by EOS) and their counts.
 
     Built once per worker process; `tokenizer_json` is None for pre-tokenized documents, which are copied.
     """
 
-    def __init__(self, tokenizer_json: str | None, cache: str, work: str, eos: int, dtype: str) -> None:
-        self.spec = (tokenizer_json, cache, work, eos, dtype)
+    def __init__(self, tokenizer_json: str | None, cache: str, eos: int, dtype: str) -> None:
+        self.spec = (tokenizer_json, cache, eos, dtype)
         self.tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
-        self.cache, self.work, self.eos, self.dtype = cache, Path(work), eos, DTYPES[dtype]
+        self.cache, self.eos, self.dtype = cache, eos, DTYPES[dtype]
 
-    def __call__(self, chunk: _Chunk) -> str:
-        """Write the chunk's part file; returns its SHA-256, for the work folder's checksum log."""
+    def __call__(self, chunk: _Chunk) -> tuple[bytes, str]:
+        """The chunk's part and its SHA-256 (_part_sha256), for the main process to append to parts.bin."""
         pieces: dict[bool, list[np.ndarray]] = {False: [], True: []}
         counts = {False: [0, 0], True: [0, 0]}  # documents, text bytes
         eos = np.array([self.eos], self.dtype)
@@ -445,12 +499,10 @@ class _Encoder:
         for split, held_out in (("train", False), ("val", True)):
             out[split] = np.concatenate(pieces[held_out]) if pieces[held_out] else np.zeros(0, self.dtype)
             out[f"{split}_counts"] = np.array(counts[held_out], np.int64)
-        final = self.work / _part(chunk.index)
-        final.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **out)
-        write_atomic(final, buffer.getvalue())
-        return hashlib.sha256(buffer.getbuffer()).hexdigest()
+        part = buffer.getvalue()
+        return part, _part_sha256(chunk.index, part)
 
     def _ids(self, raw: list[bytes]) -> Iterator[np.ndarray]:
         if self.tok is None:
@@ -490,14 +542,14 @@ def _start_worker(*spec: Any) -> None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
-def _run_worker(chunk: _Chunk) -> str:
+def _run_worker(chunk: _Chunk) -> tuple[bytes, str]:
     return _WORKER(chunk)
 
 
 def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: int, progress: bool,
-            log: ChecksumLog, say: Callable[[str], None]) -> int:
-    """Encode every chunk without a part file matching its checksum (in `workers` processes), at most 2 per worker
-    queued, logging each new part's checksum; returns the number of chunks."""
+            parts: _Parts, say: Callable[[str], None]) -> int:
+    """Encode every chunk without a part matching its line (in `workers` processes), at most 2 per worker queued,
+    appending each new part to `parts`; returns the number of chunks."""
     total, remade = 0, []
     with tqdm(total=n_docs, desc="encoding", unit="doc", disable=not progress) as bar:
 
@@ -505,16 +557,16 @@ def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: i
             nonlocal total
             for chunk in chunks:
                 total += 1
-                if log.verified(_part(chunk.index)):
+                if parts.read(chunk.index) is not None:
                     bar.update(len(chunk.starts))
                     continue
-                if _part(chunk.index) in log.sums and (encoder.work / _part(chunk.index)).is_file():
-                    remade.append(_part(chunk.index))  # damaged (one written but not yet logged is just made again)
+                if chunk.index in parts.spans:
+                    remade.append(str(chunk.index))  # damaged (one appended but not yet indexed is just made again)
                 yield chunk
 
         if workers == 1:
             for chunk in todo():
-                log.record(_part(chunk.index), encoder(chunk))
+                parts.add(chunk.index, *encoder(chunk))
                 bar.update(len(chunk.starts))
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, rayon)
@@ -523,29 +575,29 @@ def _encode(chunks: Iterator[_Chunk], encoder: _Encoder, workers: int, n_docs: i
                 pending: dict[Future, _Chunk] = {}
                 for chunk in todo():
                     if len(pending) >= 2 * workers:
-                        _collect(pending, bar, FIRST_COMPLETED, log)
+                        _collect(pending, bar, FIRST_COMPLETED, parts)
                     pending[pool.submit(_run_worker, chunk)] = chunk
-                _collect(pending, bar, ALL_COMPLETED, log)
+                _collect(pending, bar, ALL_COMPLETED, parts)
     if remade:
-        say(f"made again {len(remade)} part file(s) that did not match their checksums in {encoder.work}: "
+        say(f"made again {len(remade)} part(s) that did not match their checksums in {parts.data}: chunk "
             f"{', '.join(remade[:3])}{', ...' if len(remade) > 3 else ''}")
     return total
 
 
-def _collect(pending: dict[Future, _Chunk], bar: tqdm, when: str, log: ChecksumLog) -> None:
+def _collect(pending: dict[Future, _Chunk], bar: tqdm, when: str, parts: _Parts) -> None:
     done, _ = wait(pending, return_when=when)
     for future in done:
         chunk = pending.pop(future)
-        log.record(_part(chunk.index), future.result())  # a worker's error surfaces here
+        parts.add(chunk.index, *future.result())  # a worker's error surfaces here
         bar.update(len(chunk.starts))
 
 
-def _assemble(work: Path, log: ChecksumLog, n_chunks: int, dtype: np.dtype, vocab: int, eos: int, shard_tokens: int,
+def _assemble(work: Path, parts: _Parts, n_chunks: int, dtype: np.dtype, vocab: int, eos: int, shard_tokens: int,
               ids: bool) -> dict[str, Any]:
-    """Append the part files, in chunk order, to the train and validation shards; returns the splits' metadata."""
+    """Append the parts, in chunk order, to the train and validation shards; returns the splits' metadata."""
     with ShardWriter(work, "train", dtype, shard_tokens) as train, ShardWriter(work, "val", dtype, shard_tokens) as val:
         for index in range(n_chunks):
-            part = _read_part(work, log, index, dtype, vocab, eos)
+            part = _read_part(work, parts, index, dtype, vocab, eos)
             for name, writer in (("train", train), ("val", val)):
                 documents, text_bytes = part[f"{name}_counts"].tolist()
                 if documents:
@@ -557,29 +609,29 @@ def _assemble(work: Path, log: ChecksumLog, n_chunks: int, dtype: np.dtype, voca
     return splits
 
 
-def _read_part(work: Path, log: ChecksumLog, index: int, dtype: np.dtype, vocab: int, eos: int) -> dict[str, Any]:
-    """A part file's arrays, read once: checked against the checksum logged when it was written (it was verified
-    before encoding, so a mismatch is a change since), then for the shape the encoder gives them and for ids in the
-    vocabulary, so nothing but the encoder's tokens reaches a shard."""
-    path = work / _part(index)
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != log.sums.get(_part(index)):
-        raise WorkFileDamaged(f"{path} changed while prepare ran (it does not match its checksum): run the same "
+def _read_part(work: Path, parts: _Parts, index: int, dtype: np.dtype, vocab: int, eos: int) -> dict[str, Any]:
+    """A part's arrays, read once: checked against its line in the index (it was verified before encoding, so a
+    mismatch is a change since), then for the shape the encoder gives them and for ids in the vocabulary, so nothing
+    but the encoder's tokens reaches a shard."""
+    where = f"chunk {index} of {parts.data}"
+    raw = parts.read(index)
+    if raw is None:
+        raise WorkFileDamaged(f"{where} changed while prepare ran (it does not match its checksum): run the same "
                               f"command again to make it anew")
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             part = {key: npz[key] for key in ("train", "val", "train_counts", "val_counts")}
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise WorkFileDamaged(f"{path} is not a part file prepare wrote ({first_line(e)}): delete {work} to start "
+        raise WorkFileDamaged(f"{where} is not a part prepare wrote ({first_line(e)}): delete {work} to start "
                               f"over") from None
     for split in ("train", "val"):
         tokens, counts = part[split], part[f"{split}_counts"]
         if (tokens.dtype != dtype or tokens.ndim != 1 or counts.shape != (2,) or counts.dtype != np.int64
                 or counts.min() < 0 or (counts[0] == 0) != (len(tokens) == 0) or (len(tokens) and tokens[-1] != eos)):
-            raise WorkFileDamaged(f"{path} is not a part file prepare wrote (malformed {split} ids or counts): "
+            raise WorkFileDamaged(f"{where} is not a part prepare wrote (malformed {split} ids or counts): "
                                   f"delete {work} to start over")
         if len(tokens) and int(tokens.max()) >= vocab:
-            raise WorkFileDamaged(f"{path} holds token id {int(tokens.max())}, outside the vocabulary of {vocab}: "
+            raise WorkFileDamaged(f"{where} holds token id {int(tokens.max())}, outside the vocabulary of {vocab}: "
                                   f"delete {work} to start over")
     return part
 
