@@ -8,11 +8,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import pickle  # only for its exception type: weights load with weights_only
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -22,6 +25,8 @@ from superpose.errors import SuperposeError
 from superpose.losses import LogitMap
 from superpose.files import first_line
 from superpose.hub import quiet_hub
+
+from .presets import ShapeOrigin, check_shape, family_rule
 
 
 _LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
@@ -57,7 +62,8 @@ def _load_config(source: str, key: str) -> PretrainedConfig:
         with quiet_transformers():
             return AutoConfig.from_pretrained(str(path) if path.exists() else source)
     except Exception as e:  # transformers reports a bad file, an unknown model_type or a hub failure many ways
-        raise SuperposeError(f"{key}: cannot read a transformers config from {source}: {first_line(e)}") from None
+        problem = family_rule(e) if isinstance(e, StrictDataclassError) else first_line(e)
+        raise SuperposeError(f"{key}: cannot read a transformers config from {source}: {problem}") from None
 
 
 def _check_causal_lm(config: PretrainedConfig, key: str, source: str) -> None:
@@ -95,9 +101,17 @@ def _config_override(config: PretrainedConfig, name: str, value: object) -> obje
     return value
 
 
-def _with_overrides(config: PretrainedConfig, overrides: dict[str, object] | None) -> PretrainedConfig:
+def _checked(config: PretrainedConfig, key: str, source: str,
+             overrides: dict[str, object] | None) -> PretrainedConfig:
+    """``config`` with ``overrides`` applied, refused in one line unless it is a causal LM of a shape that builds
+    (:func:`~superpose.models.presets.check_shape`, the check preset overrides get)."""
+    _check_causal_lm(config, key, source)
     for name, value in (overrides or {}).items():
-        setattr(config, name, _config_override(config, name, value))
+        try:
+            setattr(config, name, _config_override(config, name, value))
+        except StrictDataclassError as e:  # the config class checks the field's own type and range
+            raise SuperposeError(f"model.overrides.{name}: {family_rule(e)}") from None
+    check_shape(config, ShapeOrigin(key, source, frozenset(overrides or {})))
     return config
 
 
@@ -110,8 +124,7 @@ def custom_config(source: str, vocab_size: int, overrides: dict[str, object] | N
     config's are dropped (export sets the data's EOS); ``overrides`` change fields the config has.
     """
     config = _load_config(source, "model.config")
-    _check_causal_lm(config, "model.config", source)
-    config = _with_overrides(config, overrides)
+    config = _checked(config, "model.config", source, overrides)
     if config.vocab_size < vocab_size:
         raise SuperposeError(f"model.config: {source} has vocab_size {config.vocab_size}, smaller than the "
                              f"{vocab_size} token ids of the data")
@@ -133,8 +146,7 @@ def pretrained_config(folder: str, vocab_size: int, overrides: dict[str, object]
     if not (path / "config.json").is_file():
         raise SuperposeError(f"model.init_from: {folder} is not a model folder (it holds no config.json)")
     config = _load_config(str(path), "model.init_from")
-    _check_causal_lm(config, "model.init_from", folder)
-    config = _with_overrides(config, overrides)
+    config = _checked(config, "model.init_from", folder, overrides)
     if config.vocab_size < vocab_size or (config.vocab_size > vocab_size
                                           and not (path / "tokenizer.json").is_file()):
         raise SuperposeError(f"model.init_from: {folder} has vocab_size {config.vocab_size} but the data has "
@@ -164,19 +176,40 @@ def read_pretrained(folder: str, config: PretrainedConfig) -> dict[str, torch.Te
     """Every weight of a transformers model folder, in float32 on the CPU, for a model built from ``config``.
 
     ``from_pretrained`` reads it, so sharded safetensors and the checkpoint layouts transformers converts on load
-    work as they do there; weights the folder lacks for ``config``, or has in another shape, are a one-line error.
+    work as they do there. Weights the folder lacks for ``config`` or has in another shape, weights the model does
+    not use (a config of fewer layers than the weights), an untied head beside tied embeddings, and a pickle that
+    holds more than tensors are each a one-line error.
     """
+    path = Path(folder).expanduser()
     try:
-        with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(Path(folder).expanduser(), dtype=torch.float32,
+        with quiet_transformers(), warnings.catch_warnings():
+            # torch warns about a pickle protocol before refusing the pickle: the refusal below says all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                                config=copy.deepcopy(config), output_loading_info=True)
+    except pickle.UnpicklingError:
+        raise SuperposeError(f"model.init_from: {folder} holds pickled weights that are not plain tensors, which "
+                             f"superpose does not unpickle (it could run code); save them as safetensors") from None
     except Exception as e:  # safetensors, torch and transformers each report damage and mismatches their own way
-        problem = _shape_mismatch(Path(folder).expanduser(), config) or first_line(e)
+        problem = _shape_mismatch(path, config) or first_line(e)
         raise SuperposeError(f"model.init_from: cannot load the weights in {folder}: {problem}") from None
-    missing = sorted(info["missing_keys"])  # weights of another shape raise above
-    if missing:
-        raise SuperposeError(f"model.init_from: {folder} lacks weights the model needs: {', '.join(missing[:3])}")
+    _check_loaded(folder, model, info)
     return model.state_dict()
+
+
+def _check_loaded(folder: str, model: PreTrainedModel, info: dict[str, list[str]]) -> None:
+    """Refuse a load that leaves weights out or unused: transformers only reports them (after dropping what each
+    family declares safe to ignore, e.g. old rotary ``inv_freq`` buffers), and a copy of a tied head is no problem."""
+    for keys, problem in ((info["missing_keys"], "lacks weights the model needs"),  # other shapes raise on load
+                          (info["unexpected_keys"], "holds weights its config.json builds no place for")):
+        if keys:
+            names = sorted(keys)
+            more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+            raise SuperposeError(f"model.init_from: {folder} {problem}: {', '.join(names[:3])}{more}")
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not embedding.weight:
+        raise SuperposeError(f"model.init_from: {folder} ties its embeddings (tie_word_embeddings) but holds an LM "
+                             f"head of other values; set tie_word_embeddings to false in its config.json")
 
 
 def _shape_mismatch(folder: Path, config: PretrainedConfig) -> str | None:

@@ -8,9 +8,11 @@ import math
 from dataclasses import dataclass
 
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
 
 from superpose.errors import SuperposeError
+from superpose.files import first_line
 
 
 _HAS_SMOLLM3 = hasattr(transformers, "SmolLM3Config")
@@ -202,7 +204,8 @@ _MAY_BE_ZERO = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "
 
 
 def _checked_override(name: str, value: object) -> object:
-    """An override of the type its Preset field has (ints for sizes, finite floats, bools), or a one-line error."""
+    """An override of the type its Preset field has (ints for sizes, finite floats, bools), or a one-line error;
+    the ranges of sizes are the shape's (:func:`check_shape`)."""
     kind = {f.name: str(f.type) for f in dataclasses.fields(Preset)}[name]
     low = 0 if name in _MAY_BE_ZERO else 1
     if kind == "bool":
@@ -211,9 +214,7 @@ def _checked_override(name: str, value: object) -> object:
         return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind.startswith("int"):
-        if value is None and "None" in kind:
-            return value
-        if not (number and isinstance(value, int) and value >= low):
+        if not (number and isinstance(value, int) or (value is None and "None" in kind)):
             raise SuperposeError(f"model.overrides.{name}: must be an integer >= {low}, got {value!r}")
         return value
     if not (number and math.isfinite(value) and (value > 0 or (low == 0 and value == 0))):
@@ -222,12 +223,95 @@ def _checked_override(name: str, value: object) -> object:
     return float(value)
 
 
-def _check_moe_shape(p: Preset) -> None:
-    """Experts run as grouped matmuls, which need 16-byte-aligned rows: widths a multiple of 8 (bf16)."""
-    for name in ("hidden_size", "moe_intermediate_size"):
-        value = getattr(p, name)
-        if value < 1 or value % 8:
-            raise SuperposeError(f"model.overrides.{name}: a mixture-of-experts model needs a positive multiple of 8 "
+@dataclass(frozen=True)
+class ShapeOrigin:
+    """Where a shape was given, so that an error names the key at fault: an override names itself, a field of a
+    ``model.config`` or ``model.init_from`` config names its file (a preset's own fields are valid: only overrides
+    and the vocabulary size change them)."""
+
+    key: str = "model.preset"
+    source: str = ""
+    overridden: frozenset[str] = frozenset()
+
+    def field(self, name: str) -> str:
+        if name in self.overridden:
+            return f"model.overrides.{name}"
+        return f"{self.key}.{name} (in {self.source})" if self.source else name
+
+    def __str__(self) -> str:
+        if not self.source:
+            return "model.overrides"
+        return f"{self.key} {self.source}" + (" with model.overrides" if self.overridden else "")
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+          "intermediate_size", "n_inner", "max_position_embeddings", "decoder_sparse_step")
+"""Sizes a model needs positive where its family has them (None: the family's default). Read with getattr, which
+follows a config's ``attribute_map``, so a family's own names (GPT-2's n_embd, n_layer, n_head) are checked too."""
+_EXPERT_SIZES = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                 "moe_intermediate_size")
+"""Mixture-of-experts sizes, where 0 means none (a dense model)."""
+
+
+def check_shape(shape: Preset | PretrainedConfig, origin: ShapeOrigin = ShapeOrigin()) -> None:
+    """Refuse, in one line, a shape no model can be built and trained from: the one check for a preset with its
+    overrides and for the config of ``model.config`` or ``model.init_from`` with theirs.
+
+    Sizes below 1 (0 for expert counts) would build a model of no layers or fail deep in torch (a negative
+    dimension, a division by zero in the init); heads must split the width where no head_dim is given, key/value
+    heads the query heads, and rotary embeddings need an even head width.
+    """
+    for name in _SIZES + _EXPERT_SIZES:
+        value, low = getattr(shape, name, None), 0 if name in _EXPERT_SIZES else 1
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise SuperposeError(f"{origin.field(name)}: must be an integer >= {low}, got {value!r}")
+    _check_heads(shape, origin)
+    _check_experts(shape, origin)
+    if isinstance(shape, PretrainedConfig):
+        try:
+            shape.validate()  # the family's own rules, which its config class checks only when constructed
+        except StrictDataclassError as e:
+            raise SuperposeError(f"{origin}: {family_rule(e)}") from None
+
+
+def family_rule(error: StrictDataclassError) -> str:
+    """The rule a transformers config broke: its first line only names the validator, the cause says what."""
+    return first_line(error.__cause__ or error)
+
+
+def _check_heads(shape: Preset | PretrainedConfig, origin: ShapeOrigin) -> None:
+    width, heads = getattr(shape, "hidden_size", None), getattr(shape, "num_attention_heads", None)
+    if width is None or heads is None:
+        return  # a family without attention heads (state-space models): nothing to split
+    if getattr(shape, "head_dim", None) is None and width % heads:
+        hint = "; set head_dim explicitly" if hasattr(shape, "head_dim") else ""
+        raise SuperposeError(f"{origin}: hidden_size {width} is not divisible by num_attention_heads {heads}{hint}")
+    rotary = isinstance(shape, Preset) or getattr(shape, "rope_parameters", None) is not None
+    if rotary and resolve_head_dim(shape) % 2:
+        raise SuperposeError(f"{origin}: the head width must be even for rotary embeddings, got "
+                             f"{resolve_head_dim(shape)} (head_dim, or hidden_size / num_attention_heads)")
+    kv_heads = getattr(shape, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise SuperposeError(f"{origin}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                             f"{kv_heads}")
+
+
+def _check_experts(shape: Preset | PretrainedConfig, origin: ShapeOrigin) -> None:
+    """Experts run as grouped matmuls, which need 16-byte-aligned rows: widths a multiple of 8 (bf16). An expert's
+    width is ``moe_intermediate_size`` where the family has one (Qwen-MoE, DeepSeek), else ``intermediate_size``
+    (Mixtral, OLMoE)."""
+    from .build import moe_shape  # build imports this module
+
+    experts, top_k = moe_shape(shape)[0], getattr(shape, "num_experts_per_tok", None) or 0
+    if not (experts or isinstance(shape, Preset) and shape.family == "qwen3_moe"):
+        return
+    if not 0 < top_k <= experts:
+        raise SuperposeError(f"{origin}: num_experts_per_tok {top_k} must be in 1..num_experts ({experts})")
+    width = "intermediate_size" if getattr(shape, "moe_intermediate_size", None) is None else "moe_intermediate_size"
+    for name in ("hidden_size", width):
+        value = getattr(shape, name, None)
+        if value is not None and (value < 1 or value % 8):
+            raise SuperposeError(f"{origin.field(name)}: a mixture-of-experts model needs a positive multiple of 8 "
                                  f"(its experts run as grouped matmuls), got {value}")
 
 
@@ -243,27 +327,7 @@ def get_preset(preset: str, vocab_size: int | None = None, **overrides: object) 
     p = dataclasses.replace(PRESETS[preset], **{k: _checked_override(k, v) for k, v in overrides.items()})
     if vocab_size is not None:
         p = dataclasses.replace(p, vocab_size=vocab_size)
-    if p.vocab_size < 1:
-        raise SuperposeError(f"vocab_size must be positive, got {p.vocab_size}")
-    if p.head_dim is None and p.hidden_size % p.num_attention_heads:
-        raise SuperposeError(
-            f"hidden_size {p.hidden_size} is not divisible by num_attention_heads {p.num_attention_heads}; "
-            "set head_dim explicitly"
-        )
-    if p.resolved_head_dim % 2:
-        raise SuperposeError(f"model.overrides: the head width must be even for rotary embeddings, got "
-                             f"{p.resolved_head_dim} (head_dim, or hidden_size / num_attention_heads)")
-    if p.num_attention_heads % p.num_key_value_heads:
-        raise SuperposeError(
-            f"num_attention_heads {p.num_attention_heads} is not a multiple of "
-            f"num_key_value_heads {p.num_key_value_heads}"
-        )
-    if p.family == "qwen3_moe":
-        _check_moe_shape(p)
-    if p.family == "qwen3_moe" and not 0 < p.num_experts_per_tok <= p.num_experts:
-        raise SuperposeError(
-            f"num_experts_per_tok must be in 1..num_experts ({p.num_experts}), got {p.num_experts_per_tok}"
-        )
+    check_shape(p, ShapeOrigin(overridden=frozenset(overrides)))
     return p
 
 
@@ -293,6 +357,13 @@ def model_config(preset: str, vocab_size: int | None = None, **overrides: object
         eos_token_id=None,
         attn_implementation="sdpa",
     )
+    try:
+        return _family_config(p, common)
+    except StrictDataclassError as e:  # a rule of the family's own config class (e.g. Llama's width per head)
+        raise SuperposeError(f"model.overrides: {family_rule(e)}") from None
+
+
+def _family_config(p: Preset, common: dict[str, object]) -> PretrainedConfig:
     if p.family == "llama":
         return LlamaConfig(**common, mlp_bias=False)
     if p.family == "qwen3":
