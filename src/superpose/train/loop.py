@@ -27,6 +27,7 @@ from ..data.shards import TokenDataset
 from ..errors import SuperposeError
 from ..files import FolderLock, write_atomic
 from ..flops import flops_per_step
+from ..models.memory import check_fits
 from ..models import build_model, parameter_counts
 from ..schedule import PhaseSchedule, lr_at, rewarmup_factor
 from .callbacks import (
@@ -51,7 +52,8 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .console import Console
-from .distributed import DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, shutdown, torchrun_env
+from .distributed import (DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, resolve_device, shutdown,
+                          torchrun_env)
 from .faults import StopSignals, kill_point
 from .metrics import MetricsWriter
 from .state import TrainState
@@ -89,8 +91,9 @@ class RunInputs:
     mixed: bool = False
 
     @classmethod
-    def open(cls, cfg: RunConfig, schedule: PhaseSchedule) -> "RunInputs":
-        """Open and check what ``cfg`` (validated, with ``schedule`` from its validation) reads."""
+    def open(cls, cfg: RunConfig, schedule: PhaseSchedule, world_size: int) -> "RunInputs":
+        """Open and check what ``cfg`` (validated, with ``schedule`` from its validation) reads on ``world_size``
+        ranks; the model must fit them."""
         mixture = cfg.data.mixture()
         datasets = open_sources([path for _, path, _ in mixture], tokenizer=cfg.data.tokenizer or None)
         data = datasets[0]
@@ -103,6 +106,7 @@ class RunInputs:
                        for source, ds in zip(sources, datasets)}
         # an unknown preset, a refused family, a vocabulary or tokenizer that does not fit: fail before writing
         model = build_model(cfg.model.build_config(data.vocab_size), device="meta")
+        check_fits(model, resolve_device(cfg.train.device), world_size, cfg.train.parallel == "fsdp")
         cfg.model.check_tokenizer(data.tokenizer, data.path)
         return cls(data, schedule, sources, val_windows, model, mixed=bool(cfg.data.sources))
 
@@ -116,7 +120,8 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
     every rank calls this; rank 0 alone writes files and shows progress, and holds the run folder's lock.
     ``callbacks`` run after the run's own (train/callbacks.py), in order; under torchrun give every rank the same.
     """
-    inputs = RunInputs.open(cfg, cfg.validate(torchrun_env().world_size))
+    world = torchrun_env().world_size
+    inputs = RunInputs.open(cfg, cfg.validate(world), world)
     _find_checkpoint(cfg, resume)  # refuse bad input before the process group and the lock exist
     info, device = init_distributed(cfg.train.device)
     if device.type == "cuda" and not info.enabled and cfg.train.parallel == "fsdp":
