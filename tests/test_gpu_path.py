@@ -9,6 +9,7 @@ import collections
 import functools
 import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ class Reached(Exception):
 
 @pytest.fixture
 def cuda_patched(monkeypatch):
-    """torch reports one GPU (current device 0); init_process_group records its call, then stops the run."""
+    """torch reports one GPU (an H200, current device 0); init_process_group records its call, then stops the run."""
     calls = []
 
     def init_process_group(backend, **kwargs):
@@ -60,6 +61,8 @@ def cuda_patched(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(name="NVIDIA H200", total_memory=141 << 30, major=9, minor=0))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
@@ -220,11 +223,11 @@ def test_compiled_blocks_under_fsdp_have_no_graph_breaks_and_eval_compiles_nothi
     assert "model.layers.0.self_attn.q_proj.weight" in dict(module.model.named_parameters())  # no _orig_mod
 
 
-def test_compile_without_a_compiler_trains_eagerly_with_one_warning(monkeypatch):
+def test_compile_without_a_compiler_trains_eagerly_with_one_warning():
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
-    with warnings.catch_warnings(record=True) as caught:
+    no_compiler = inductor_config.patch({"cpp.cxx": (None, "no-such-c++-compiler")})
+    with no_compiler, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module = make_module(compile=True)
     messages = [str(w.message) for w in caught if "train.compile" in str(w.message)]
