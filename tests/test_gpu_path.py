@@ -61,8 +61,8 @@ def cuda_patched(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: SimpleNamespace(name="NVIDIA H200", total_memory=141 << 30, major=9, minor=0))
+    h200 = SimpleNamespace(name="NVIDIA H200", total_memory=141 << 30, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: h200)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
@@ -89,7 +89,8 @@ def test_the_cuda_device_reaching_the_process_group_has_an_index(cuda_patched, m
 
 def test_cuda_gets_expandable_segments_before_it_initialises_unless_the_user_chose(cuda_patched, monkeypatch):
     seen = []
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or 0)
+    monkeypatch.setattr(torch.cuda, "current_device",
+                        lambda: seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or 0)
     assert resolve_device("cuda") == torch.device("cuda", 0)
     assert seen == [CUDA_ALLOC_CONF]  # set before the first call that initialises CUDA
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
@@ -176,7 +177,8 @@ def test_fsdp_units_as_torchtitan_lays_them_out(one_rank_group, loss_chunk):
     fused loss never calls the head: the norm's forward gathers it). The first steps are those of one process."""
     untied = {"tie_word_embeddings": False}
     module = make_module(overrides=untied, loss_chunk=loss_chunk)
-    assert fsdp_units(module) == [{"model.embed_tokens.weight"}, *block_units(4), {"model.norm.weight", "lm_head.weight"}]
+    head = {"model.norm.weight", "lm_head.weight"}
+    assert fsdp_units(module) == [{"model.embed_tokens.weight"}, *block_units(4), head]
     steps = [module.train_step(window(bag, i), bag, 1e-3).to_host() for i, bag in enumerate((4, 1))]
     weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True))
     shutdown()
