@@ -13,6 +13,7 @@ import pytest
 
 from superpose.data.prepare import prepare
 from superpose.data.shards import (
+    VERIFIED_FILE,
     ShardWriter,
     TokenStream,
     open_dataset,
@@ -51,10 +52,15 @@ def dataset(corpus: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFac
     return prepare([str(corpus[0])], tmp_path_factory.mktemp("ds") / "out", **DATASET_KW)
 
 
+def dataset_files(folder: Path) -> list[str]:
+    """The files a prepared dataset consists of: all but the cache of verified shards that opening it writes."""
+    return sorted(p.name for p in folder.iterdir() if p.name != VERIFIED_FILE)
+
+
 def assert_same_files(a: Path, b: Path) -> None:
-    """Folders ``a`` and ``b`` hold the same file names with the same bytes."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+    """Folders ``a`` and ``b`` hold the same dataset file names with the same bytes."""
+    names = dataset_files(a)
+    assert names == dataset_files(b)
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
@@ -127,7 +133,7 @@ def test_prepare_meta_and_shards_are_consistent(dataset: Path, corpus: tuple[Pat
     assert meta["tokenizer"] == "tokenizer.json"
     assert meta["tokenizer_sha256"] == file_sha256(dataset / "tokenizer.json")
     assert meta["seed"] == 3 and meta["val_fraction"] == 0.1 and meta["source"] == [str(corpus[0])]
-    assert sorted(p.name for p in dataset.iterdir() if not p.name.endswith(".bin")) == ["meta.json", "tokenizer.json"]
+    assert [name for name in dataset_files(dataset) if not name.endswith(".bin")] == ["meta.json", "tokenizer.json"]
     assert meta["shuffled"] is True
     bins = sorted(p.name for p in dataset.glob("*.bin"))
     listed = sorted(s["file"] for split in meta["splits"].values() for s in split["shards"])

@@ -39,15 +39,15 @@ class Source:
     stream: TokenStream
 
 
-def open_sources(paths: Sequence[str], tokenizer: str | None = None) -> list[TokenDataset]:
+def open_sources(paths: Sequence[str], tokenizer: str | None = None, verify: bool = True) -> list[TokenDataset]:
     """Open every source's prepared folder; all must share the first one's vocabulary (and ``tokenizer``, if given).
 
     Token ids only mean the same thing under the same tokenizer, so a mixture of two vocabularies is refused by the
-    same check that guards a single dataset against a foreign tokenizer.
+    same check that guards a single dataset against a foreign tokenizer. ``verify``: as in ``open_dataset``.
     """
-    first = open_dataset(paths[0], tokenizer=tokenizer)
+    first = open_dataset(paths[0], tokenizer=tokenizer, verify=verify)
     reference = str(first.path / first.meta["tokenizer"])
-    return [first] + [open_dataset(path, tokenizer=reference) for path in paths[1:]]
+    return [first] + [open_dataset(path, tokenizer=reference, verify=verify) for path in paths[1:]]
 
 
 def source_seed(seed: int, index: int) -> int:

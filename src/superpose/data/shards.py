@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import json
 import os
 import re
+import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -28,6 +32,9 @@ FORMAT = "superpose-tokens"
 VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
+VERIFIED_FILE = ".superpose-verified.json"
+"""The cache of shards already hashed, beside meta.json when the folder is writable (else under the user's cache)."""
+VERIFIED_FORMAT = "superpose-verified"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -207,6 +214,128 @@ class TokenDataset:
             self.vocab_size,
         )
 
+    def verify(self, share: Share | None = None) -> None:
+        """Check every shard against the sha256 meta.json recorded, once per job and not again on a restart.
+
+        Each rank hashes only its share (:func:`assign_shares`) and skips any shard the cache (:data:`VERIFIED_FILE`)
+        holds with the same size, mtime, ctime and expected sha256; ``share.combine`` gathers every rank's digests,
+        so every rank judges all shards and names the same damaged one. Rank 0 then records the good ones.
+        """
+        share = share or Share()
+        shards = [s for split in self.meta["splits"].values() for s in split["shards"] if "sha256" in s]
+        cache = _cache_path(self.path)
+        known = _read_cache(cache)
+        owners = assign_shares([s["tokens"] * self._dtype.itemsize for s in shards], share.world)
+        mine = [s for s, owner in zip(shards, owners) if owner == share.rank]
+        seen = share.combine(_digests(self.path, mine, known))
+        good: dict[str, dict[str, Any]] = {}
+        for shard in shards:
+            entry = seen.get(shard["file"])
+            if entry is None:
+                raise SuperposeError(f"shard {self.path / shard['file']} was verified by no rank: the ranks read "
+                                     f"different {META_FILE} files in {self.path}")
+            if entry["sha256"] == shard["sha256"]:
+                good[shard["file"]] = entry
+        if share.rank == 0 and good != known:
+            _write_cache(cache, self.path, good)
+        for shard in shards:
+            if shard["file"] not in good:
+                raise SuperposeError(f"shard {self.path / shard['file']} is damaged: its sha256 differs from the one "
+                                     f"{META_FILE} recorded when it was written; prepare the dataset again")
+
+
+def _alone(part: dict[str, Any]) -> dict[str, Any]:
+    return part
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part in verifying a dataset: rank ``rank`` of ``world`` hashes its share of the shards and
+    ``combine`` returns the union of every rank's part, on every rank (the trainer passes
+    ``train.distributed.merge_across_ranks``; data/ does not know about process groups)."""
+
+    rank: int = 0
+    world: int = 1
+    combine: Callable[[dict[str, Any]], dict[str, Any]] = _alone
+
+
+def assign_shares(sizes: list[int], world: int) -> list[int]:
+    """The rank that hashes each shard: largest first to the least-loaded rank (ties to the lower shard, the lower
+    rank), so every rank computes the same plan and none hashes more than ``sum(sizes) / world`` plus one shard (the
+    last shard a rank took found it at or below the mean)."""
+    loads = [(0, rank) for rank in range(world)]
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, rank = heapq.heappop(loads)
+        owners[i] = rank
+        heapq.heappush(loads, (load + sizes[i], rank))
+    return owners
+
+
+def _file_key(file: Path) -> dict[str, int]:
+    """What a change to a file changes: its size, mtime and ctime (which restoring the mtime with touch or utime
+    sets to now, and which a copy gets afresh). Taken before hashing, so a write during the hash is seen next time."""
+    st = file.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _digests(root: Path, shards: list[dict[str, Any]], known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each shard's key and sha256: from the cache when the file is unchanged since it was verified, else hashed
+    (in threads: hashlib releases the GIL, so several shards hash at once)."""
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[dict[str, Any]] = []
+    for shard in shards:
+        key = _file_key(root / shard["file"])
+        cached = known.get(shard["file"])
+        if cached == {**key, "sha256": shard["sha256"]}:
+            out[shard["file"]] = cached
+        else:
+            out[shard["file"]] = key
+            todo.append(shard)
+    if todo:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(todo))) as pool:
+            for shard, digest in zip(todo, pool.map(file_sha256, [root / s["file"] for s in todo])):
+                out[shard["file"]]["sha256"] = digest
+    return out
+
+
+def _cache_path(root: Path) -> Path:
+    """The dataset folder's own cache when it is writable (every user of the dataset shares it); else one per
+    dataset path under ``$XDG_CACHE_HOME/superpose/verified`` (default ``~/.cache``)."""
+    if os.access(root, os.W_OK):
+        return root / VERIFIED_FILE
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "superpose" / "verified" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
+
+
+def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """The verified shards a cache file lists; a missing, foreign or damaged one lists none (everything is hashed)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != VERIFIED_FORMAT or not isinstance(data.get("shards"), dict):
+        return {}
+    return {k: v for k, v in data["shards"].items() if isinstance(v, dict)}
+
+
+def _write_cache(path: Path, root: Path, good: dict[str, dict[str, Any]]) -> None:
+    """Replace the cache in one rename, under a unique temporary name (jobs sharing the dataset may write at once),
+    readable by every user of the dataset. A cache that cannot be written is skipped: it only saves time."""
+    text = json.dumps({"format": VERIFIED_FORMAT, "dataset": str(root.resolve()), "shards": good}, indent=1) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-verified-", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     """Write meta.json (the last file of a prepared dataset)."""
@@ -218,7 +347,8 @@ def open_dataset(path: str | Path, tokenizer: str | None = None, verify: bool = 
 
     If `tokenizer` is given (e.g. the tokenizer of a model being continued), it must have the same
     vocabulary as the tokenizer the shards were made with. With `verify` every shard whose meta.json entry records a
-    sha256 is hashed (streamed, shards in parallel threads) and a damaged one is named.
+    sha256 is checked here, by this process alone (:meth:`TokenDataset.verify`); ``verify=False`` leaves that to the
+    caller, e.g. the trainer, which verifies once its ranks can share the work.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -255,21 +385,12 @@ def open_dataset(path: str | Path, tokenizer: str | None = None, verify: bool = 
                     f"shard {file} has {size} bytes but {META_FILE} says {shard['tokens']} tokens ({expected} bytes)"
                 )
 
+    dataset = TokenDataset(root, meta, tok)
     if verify:
-        _verify_shards(root, [s for split in meta["splits"].values() for s in split["shards"] if "sha256" in s])
+        dataset.verify()
     if tokenizer is not None:
         check_same_vocab(load_tokenizer(tokenizer), tok, tokenizer, root)
-    return TokenDataset(root, meta, tok)
-
-
-def _verify_shards(root: Path, shards: list[dict[str, Any]]) -> None:
-    """Hash shards against meta.json; hashlib releases the GIL, so threads hash several shards at once."""
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        digests = pool.map(file_sha256, [root / s["file"] for s in shards])
-        for shard, digest in zip(shards, digests):
-            if digest != shard["sha256"]:
-                raise SuperposeError(f"shard {root / shard['file']} is damaged: its sha256 differs from the one "
-                                     f"{META_FILE} recorded when it was written; prepare the dataset again")
+    return dataset
 
 
 def _check_meta(meta: Any, meta_path: Path) -> None:

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from .. import method
 from ..data.loader import WindowLoader, check_window, validation_windows
 from ..data.mixture import MixtureLoader, Source, open_sources, source_counts
-from ..data.shards import TokenDataset
+from ..data.shards import Share, TokenDataset
 from ..errors import SuperposeError
 from ..files import FolderLock, write_atomic
 from ..flops import flops_per_step
@@ -52,8 +52,8 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .console import Console
-from .distributed import (DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, resolve_device, shutdown,
-                          torchrun_env)
+from .distributed import (DistInfo, any_rank, barrier, init_distributed, init_one_rank_group, merge_across_ranks,
+                          resolve_device, shutdown, torchrun_env)
 from .faults import StopSignals, kill_point
 from .metrics import MetricsWriter
 from .state import TrainState
@@ -89,13 +89,15 @@ class RunInputs:
     """The model shell on the meta device at the data's vocabulary: its config read (a ``model.config`` or
     ``init_from``) and the model built once, to refuse a bad one here; TrainModule wraps this same shell."""
     mixed: bool = False
+    datasets: list[TokenDataset] = field(default_factory=list)
+    """Every source's dataset, verified by :meth:`verify` once the ranks can share the work."""
 
     @classmethod
     def open(cls, cfg: RunConfig, schedule: PhaseSchedule, world_size: int) -> "RunInputs":
         """Open and check what ``cfg`` (validated, with ``schedule`` from its validation) reads on ``world_size``
         ranks; the model must fit them."""
         mixture = cfg.data.mixture()
-        datasets = open_sources([path for _, path, _ in mixture], tokenizer=cfg.data.tokenizer or None)
+        datasets = open_sources([path for _, path, _ in mixture], tokenizer=cfg.data.tokenizer or None, verify=False)
         data = datasets[0]
         L, B = cfg.train.seq_len, cfg.train.batch_size
         sources = [Source(name, weight, ds.split("train")) for (name, _, weight), ds in zip(mixture, datasets)]
@@ -108,7 +110,14 @@ class RunInputs:
         model = build_model(cfg.model.build_config(data.vocab_size), device="meta")
         check_fits(model, resolve_device(cfg.train.device), world_size, cfg.train.parallel == "fsdp")
         cfg.model.check_tokenizer(data.tokenizer, data.path)
-        return cls(data, schedule, sources, val_windows, model, mixed=bool(cfg.data.sources))
+        return cls(data, schedule, sources, val_windows, model, mixed=bool(cfg.data.sources), datasets=datasets)
+
+    def verify(self, info: DistInfo) -> None:
+        """Check the shards' sha256 once per job: each rank hashes its share (none that a restart finds unchanged),
+        every rank judges all of them (data/shards.py, TokenDataset.verify)."""
+        share = Share(info.rank, info.world_size, lambda part: merge_across_ranks(part, info))
+        for dataset in self.datasets:
+            dataset.verify(share)
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = True,
@@ -128,6 +137,7 @@ def train(cfg: RunConfig, resume: bool | str | Path = False, progress: bool = Tr
         init_one_rank_group(device)  # FSDP2 on one GPU too: bf16 compute over fp32 master weights
     try:
         with ExitStack() as stack:
+            inputs.verify(info)  # before anything is written; every rank raises the same one-line error
             refused = None
             if info.is_main:
                 try:
