@@ -205,15 +205,16 @@ class Trainer:
         self._wall0, self._saved_at = time.perf_counter() - self.state.wall_time, -1
 
     def fit(self) -> RunResult:
-        """Train from the current step to the end, or until a stop request (then with a checkpoint)."""
+        """Train from the current step to the end (or ``train.stop_at``), or until a stop request (then with a
+        checkpoint)."""
         _write_run_files(self)
-        stopped = None
+        stopped, end = None, self.cfg.train.stop_at or self.cfg.train.steps
         with _running(self) as (signals, tick):
-            for step in range(self.state.step, self.cfg.train.steps):
+            for step in range(self.state.step, end):
                 self._step(step)
                 tick()
                 # the ranks agree once per step, over the host network: a stop needs this step's checkpoint
-                if any_rank(signals.received is not None, self.info) and self.state.step < self.cfg.train.steps:
+                if any_rank(signals.received is not None, self.info) and self.state.step < end:
                     stopped = signals.name or "SIGTERM"  # or another rank's signal (SLURM sends SIGTERM)
                     if self._saved_at != self.state.step:
                         self.checkpoint(keep_always=False)
@@ -283,7 +284,7 @@ def _row(trainer: Trainer, step: int, bag: int, lr: float, result: StepResult) -
     s = trainer.state
     return {"step": s.step, "phase": trainer.schedule.stage_at(step) + 1, "bag": bag, "lr": lr,
             "train_loss": metrics.pop("loss"), **metrics, "text_tokens": s.text_tokens, "flops": s.flops,
-            "wall_time": s.wall_time, "epoch": trainer.batches.epoch}
+            "wall_time": s.wall_time, "world_size": trainer.info.world_size, "epoch": trainer.batches.epoch}
 
 
 def _open_loader(cfg: RunConfig, inputs: RunInputs, info: DistInfo, position: dict) -> WindowLoader | MixtureLoader:
@@ -342,7 +343,8 @@ def run_callbacks(trainer: Trainer) -> list[Callback]:
         PhaseSwitchLine(switches, t.console),
         MetricsLog(cfg.train.log_every, total, writer),
         ConsoleProgress(t.console),
-        CheckpointCadence(cfg.checkpoint.every, switches, total, set(cfg.checkpoint.keep_steps), t.checkpoint),
+        CheckpointCadence(cfg.checkpoint.every, switches, total, {*cfg.checkpoint.keep_steps, cfg.train.stop_at} - {0},
+                          t.checkpoint),
     ]
 
 
