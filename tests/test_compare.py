@@ -32,7 +32,8 @@ from superpose.compare import (
 )
 from superpose.compare.isoloss import at_steps, family_lengths
 from superpose.compare.plan import SECTION_DEFAULTS
-from superpose.compare.jobs import BASELINE_TST, check_warmup_fits, derive
+from superpose.compare.jobs import BASELINE_TST, check_warmup_fits, derive, plan_jobs
+from superpose.compare.results import collect, gpu_seconds
 from superpose.errors import SuperposeError
 from superpose.train.config import TSTConfig
 from superpose.train.config_load import load_config
@@ -222,6 +223,53 @@ def test_a_member_whose_warmup_does_not_fit_is_refused(tiny_config, optim, multi
     else:
         with pytest.raises(SuperposeError, match=f"--family {refused:g}: a .*warmup"):
             check_warmup_fits(base, multiples)
+
+
+# ------------------------------------------------------------------ GPU-hours of runs that changed world size
+
+
+def _fake_run(job, rows, world_size):
+    """A run folder as training leaves it, written by hand: its config, run.json (``world_size``: the newest start's),
+    and metrics rows ``(step, wall_time, world_size)`` (the last with a validation loss)."""
+    job.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.cfg.run_dir / "config.toml").write_text(job.cfg.to_toml())
+    (job.cfg.run_dir / "run.json").write_text(json.dumps({
+        "vocab_size": 512, "parameters": 1, "active_parameters": 1, "flops_per_step": 10, "device": "cpu",
+        "world_size": world_size}))
+    schedule = job.cfg.phase_schedule()
+    lines = [{"step": step, "wall_time": wall, "world_size": ranks, "bag": schedule.bag_at(step - 1),
+              "train_loss": 5.0, "flops": 10 * step, "text_tokens": 100 * step} for step, wall, ranks in rows]
+    lines[-1]["val_loss"] = {"trunk": 5.5, "baseline-4": 5.0, "baseline-8": 4.5}.get(job.cfg.name, 4.7)
+    with (job.cfg.run_dir / "metrics.jsonl").open("a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def test_gpu_hours_sum_each_segment_between_resumes_at_its_world_size(tmp_path):
+    """Runs resumed on another number of ranks: GPU-hours are world size x wall time per segment between resumes
+    (each metrics row carries its process's world size), not the newest start's world size x the whole wall time;
+    and a trunk segment that has not started yet is "not started" while the one before it has finished."""
+    base = make_tiny_config(tmp_path / "no-data", tmp_path / "unused", "cmp", train={"steps": 8})
+    variants = variants_for(base, ("both",))
+    jobs = {job.id: job for job in plan_jobs(base, variants, 1, (0.5, 1.0), tmp_path / "runs")}
+    trunk = jobs["seed-0/trunk-3"]
+    _fake_run(trunk, [(1, 10.0, 1), (2, 20.0, 1), (3, 30.0, 1)], 1)  # segment 1 on 1 rank
+    _fake_run(jobs["seed-0/baseline-4"], [(4, 40.0, 2)], 2)  # forked at 3 (the trunk's clock: 30 s) on 2 ranks
+    _fake_run(jobs["seed-0/s4-r0.5-T8"], [(s, 5.0 * s, 4) for s in range(1, 5)] +  # 20 s on 4 ranks,
+              [(s, 20.0 + 20 * (s - 4), 1) for s in range(5, 9)], 1)  # resumed on 1 rank for 80 s
+    early = collect(base, variants, 1, (0.5, 1.0), tmp_path / "runs", partial=True)
+    assert {s["run"]: s["state"] for s in early.status} == {
+        "seed-0/trunk-3": "finished", "seed-0/trunk-6": "not started", "seed-0/baseline-4": "finished",
+        "seed-0/baseline-8": "not started", "seed-0/s4-r0.5-T8": "finished"}
+
+    _fake_run(trunk, [(4, 35.0, 4), (5, 40.0, 4), (6, 45.0, 4)], 4)  # segment 2 resumed on 4 ranks
+    _fake_run(jobs["seed-0/baseline-8"], [(7, 55.0, 1), (8, 60.0, 2)], 2)  # forked at 6 (45 s), resumed on 2
+    result = collect(base, variants, 1, (0.5, 1.0), tmp_path / "runs")
+    hours = {m.steps: m.gpu_hours * 3600 for m in result.family[0]}
+    assert hours[4] == pytest.approx(30 * 1 + 10 * 2)  # was 4 x 30 + 2 x 10: the trunk's newest world size
+    assert hours[8] == pytest.approx(30 * 1 + 15 * 4 + 10 * 1 + 5 * 2)  # was 4 x 45 + 2 x 15
+    assert result.arms[0].gpu_hours * 3600 == pytest.approx(20 * 4 + 80 * 1)  # was 1 x 100
+    rows = [{"step": 1, "wall_time": 10.0}, {"step": 2, "wall_time": 30.0, "world_size": 2}]
+    assert gpu_seconds(rows, 4) == 10 * 4 + 20 * 2  # a row from before rows carried world_size: run.json's
 
 
 # ------------------------------------------------------------------ runs (one tiny compare, shared)

@@ -32,10 +32,15 @@ from superpose.compare import (
     variants_for,
     write_report,
 )
+from superpose.compare.jobs import derive
 from superpose.compare.plan import write_plan
 from superpose.errors import SuperposeError
 from superpose.train.config_load import load_config
+from superpose.schedule import lr_at
+from superpose.train.checkpoint import list_checkpoints
 from superpose.train.faults import KILL_ENV
+from superpose.train.loop import train
+from superpose.train.metrics import read_metrics
 from superpose.train.callbacks import CheckpointCadence
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
@@ -67,26 +72,57 @@ def test_kept_steps_are_checkpointed_and_never_pruned():
         None, None, "keep", "periodic", "keep", "keep", None, "periodic", None, None, None, "keep"]
 
 
+JOBS = ("trunk-3", "trunk-6", "baseline-4", "baseline-8", "s4-r0.5-T8")
+"""The jobs of a seed of the tiny plan (T = 8, family 0.5, 1): the trunk's segments to the fork steps 3 and 6, the
+family, the arm."""
+
+
+def test_stop_at_ends_the_process_at_that_step_with_a_kept_checkpoint(tiny_config, capsys):
+    """``train.stop_at``: the run ends after that step with a checkpoint kept forever and no stop signal, its LR still
+    that of the whole run; --resume continues it. Out of range, one line."""
+    cfg = tiny_config("seg", tst={"bag": 1, "ratio": 0.0}, train={"steps": 8, "stop_at": 3},
+                      checkpoint={"every": 2, "keep": 1})
+    result = train(cfg, progress=False)
+    assert (result.steps, result.stopped) == (3, None)
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000002", "step-0000003"]
+    assert json.loads((cfg.run_dir / "checkpoints" / "step-0000003" / "state.json").read_text())["keep_always"]
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "val_loss" not in rows[-1]  # no final evaluation at 3
+    assert [r["lr"] for r in rows] == [lr_at(s, 8, peak=3e-3, warmup_steps=2) for s in range(3)]
+    assert train(derive(cfg, train={"stop_at": 0}), resume=True, progress=False).steps == 8
+    config = cfg.run_dir.parent / "seg.toml"
+    config.write_text(cfg.to_toml())
+    assert "train.stop_at: must be a step from 1 to train.steps (8), or 0 (off); got 9" in run_error(
+        capsys, ["train", str(config), "train.stop_at=9"])
+
+
 def test_plan_writes_run_configs_a_graph_and_launchers(tiny_config, tmp_path):
     base = tiny_config("cmp", train={"steps": 8})
     folder, plan = _plan(tmp_path, base, seeds=2)
     jobs = {j["id"]: j for j in plan["jobs"]}
-    assert list(jobs) == [f"seed-{s}/{n}" for s in (0, 1) for n in ("trunk", "baseline-4", "baseline-8", "s4-r0.5-T8")]
+    assert list(jobs) == [f"seed-{s}/{n}" for s in (0, 1) for n in JOBS]
     runs = folder / "runs" / "seed-0"
     for job in plan["jobs"]:  # each an ordinary config, trained by the command plan.json names
         cfg = load_config(job["config"])
         assert job["command"] == f"superpose train {job['config']} --resume" and job["config"] in job["torchrun"]
-        assert cfg.run_dir == Path(job["run_dir"]) and cfg.train.steps == job["steps"]
-    trunk = load_config(jobs["seed-0/trunk"]["config"])
-    assert (trunk.train.steps, trunk.checkpoint.keep_steps, trunk.optim.decay_fraction) == (6, [3, 6], 0.0)
+        assert cfg.run_dir == Path(job["run_dir"]) and (cfg.train.stop_at or cfg.train.steps) == job["steps"]
+    for stop, after, wait in ((3, "", 0), (6, "seed-0/trunk-3", 3)):  # one run, stopped at each fork step
+        trunk = load_config(jobs[f"seed-0/trunk-{stop}"]["config"])
+        assert (trunk.name, trunk.train.steps, trunk.train.stop_at) == ("trunk", 6, stop)
+        assert (trunk.checkpoint.keep_steps, trunk.optim.decay_fraction) == ([3, 6], 0.0)
+        assert (jobs[f"seed-0/trunk-{stop}"]["after"], jobs[f"seed-0/trunk-{stop}"]["wait_step"]) == (after, wait)
     for steps, fork in ((4, 3), (8, 6)):
         job = jobs[f"seed-0/baseline-{steps}"]
-        assert (job["after"], job["wait_step"]) == ("seed-0/trunk", fork)
+        assert (job["after"], job["wait_step"]) == (f"seed-0/trunk-{fork}", fork)
+        assert jobs[job["after"]]["steps"] == job["wait_step"]  # the segment that writes its fork checkpoint
         assert job["fork_from"] == str(runs / "trunk" / "checkpoints" / f"step-{fork:07d}")
         assert load_config(job["config"]).checkpoint.fork_from == job["fork_from"]
     arm = load_config(jobs["seed-1/s4-r0.5-T8"]["config"])
     assert (arm.seed, arm.tst.bag, arm.checkpoint.fork_from, jobs["seed-1/s4-r0.5-T8"]["after"]) == (1, 4, "", "")
-    for script in ("run_local.sh", "torchrun.sh", "slurm.sh", "jobs/seed-0/trunk/job.sbatch"):
+    # each member ends at its own length, not after the whole trunk (that was 6 + 1 for baseline-4)
+    assert [jobs[f"seed-0/{n}"]["finish_step"] for n in JOBS] == [3, 6, 4, 8, 8]
+    assert plan["makespan_steps"] == 8
+    for script in ("run_local.sh", "torchrun.sh", "slurm.sh", "jobs/seed-0/trunk-3/job.sbatch"):
         subprocess.run(["bash", "-n", str(folder / script)], check=True)
     with pytest.raises(SuperposeError, match="plan folder .* is not empty"):
         _plan(tmp_path, base)
@@ -100,7 +136,7 @@ def _fake(tmp_path, name, body):
     return path
 
 
-def test_slurm_script_submits_forks_after_their_trunk(tiny_config, tmp_path):
+def test_slurm_script_chains_the_trunk_segments_and_forks_each_after_its_segment(tiny_config, tmp_path):
     folder, plan = _plan(tmp_path, tiny_config("cmp", train={"steps": 8, "batch_size": 8}), gpus=4, nodes=2)
     log = tmp_path / "sbatch.log"
     _fake(tmp_path, "sbatch", f"""\
@@ -112,12 +148,19 @@ def test_slurm_script_submits_forks_after_their_trunk(tiny_config, tmp_path):
     subprocess.run(["bash", str(folder / "slurm.sh"), "--partition=gpu"], check=True, env=env, capture_output=True)
     calls = [line.split() for line in log.read_text().splitlines()]
     submitted = {Path(c[-1]).parent.relative_to(folder / "jobs").as_posix(): c for c in calls}
-    trunk_id = submitted["seed-0/trunk"][0]
+    jobs = {j["id"]: j for j in plan["jobs"]}
+    waits_for = {}
     for job in plan["jobs"]:
         call = submitted[job["id"]]
         assert "--parsable" in call and "--partition=gpu" in call
-        assert [a for a in call if a.startswith("--dependency")] == (
-            [f"--dependency=afterok:{trunk_id}"] if job["after"] else [])
+        dependency = [a for a in call if a.startswith("--dependency")]
+        waits_for[job["id"]] = next(i for i, c in submitted.items() if dependency == [f"--dependency=afterok:{c[0]}"]
+                                    ) if dependency else ""
+    assert waits_for == {"seed-0/trunk-3": "", "seed-0/trunk-6": "seed-0/trunk-3",  # the segments chain
+                         "seed-0/baseline-4": "seed-0/trunk-3", "seed-0/baseline-8": "seed-0/trunk-6",
+                         "seed-0/s4-r0.5-T8": ""}
+    for fork in ("seed-0/baseline-4", "seed-0/baseline-8"):  # the segment that ends at its fork step
+        assert jobs[waits_for[fork]]["steps"] == jobs[fork]["wait_step"]
     sbatch = (folder / "jobs" / "seed-0" / "baseline-8" / "job.sbatch").read_text()
     for line in ("#SBATCH --signal=TERM@900", "#SBATCH --requeue", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4",
                  "--shutdown-timeout 840", "--nproc_per_node 4", "scontrol requeue", "--resume"):
@@ -129,16 +172,20 @@ import json, sys, time, tomllib
 from pathlib import Path
 cfg = tomllib.loads(Path(sys.argv[2]).read_text())
 log = Path(sys.argv[0]).with_suffix(".log")
+stop = cfg["train"]["stop_at"]
+name = cfg["name"] + (f"-{stop}" if stop else "")  # the job's id in its seed
 def note(event):
     with log.open("a") as f:
-        f.write(json.dumps([event, cfg["name"], time.time()]) + "\\n")
+        f.write(json.dumps([event, name, time.time()]) + "\\n")
 source = cfg["checkpoint"]["fork_from"]
 if source and not (Path(source) / "state.json").is_file():
     note("early")
     sys.exit(2)
 note("start")
 run = Path(cfg["out_dir"]) / cfg["name"]
-for step in cfg["checkpoint"]["keep_steps"]:  # the trunk: its fork checkpoints appear while it runs
+for step in cfg["checkpoint"]["keep_steps"]:  # a trunk segment: its fork checkpoints appear while it runs
+    if step > stop or (run / "checkpoints" / f"step-{step:07d}").exists():
+        continue
     time.sleep(0.4)
     if cfg["name"] == "trunk" and "FAIL" in str(log.parent):
         sys.exit(1)
@@ -172,12 +219,13 @@ def test_run_local_respects_the_graph(tiny_config, tmp_path, at_once):
     done, events = _local(tmp_path, folder, "-j", str(at_once))
     assert done.returncode == 0, done.stderr
     assert "early" not in [e[0] for e in events]  # no fork started before its checkpoint existed
-    assert sorted(e[1] for e in events if e[0] == "end") == ["baseline-4", "baseline-8", "s4-r0.5-T8", "trunk"]
+    assert sorted(e[1] for e in events if e[0] == "end") == sorted(JOBS)
     assert _most_at_once(events) == at_once
-    if at_once == 2:  # baseline-4 forks at step 3 and starts while the trunk still runs
-        start = {e[1]: e[2] for e in events if e[0] == "start"}
-        end = {e[1]: e[2] for e in events if e[0] == "end"}
-        assert start["baseline-4"] < end["trunk"] or start["s4-r0.5-T8"] < end["trunk"]
+    start = {e[1]: e[2] for e in events if e[0] == "start"}
+    end = {e[1]: e[2] for e in events if e[0] == "end"}
+    assert end["trunk-3"] < start["trunk-6"]  # a segment continues the run once the one before it has ended
+    if at_once == 2:  # baseline-4 forks at step 3 and starts while the trunk's next segment still runs
+        assert start["baseline-4"] < end["trunk-6"]
 
 
 def test_run_local_does_not_start_forks_of_a_failed_trunk(tiny_config, tmp_path):
@@ -186,8 +234,9 @@ def test_run_local_does_not_start_forks_of_a_failed_trunk(tiny_config, tmp_path)
     folder, _ = _plan(failing, tiny_config("cmp", train={"steps": 8}))
     done, events = _local(failing, folder, "-j", "2")
     assert done.returncode == 1
-    assert "seed-0/baseline-4: not started: seed-0/trunk ended without writing" in done.stderr
-    assert {e[1] for e in events if e[0] == "start"} == {"trunk", "s4-r0.5-T8"}
+    assert "seed-0/baseline-4: not started: seed-0/trunk-3 ended without writing" in done.stderr
+    assert "seed-0/trunk-6: not started: seed-0/trunk-3 did not finish" in done.stderr
+    assert {e[1] for e in events if e[0] == "start"} == {"trunk-3", "s4-r0.5-T8"}
 
 
 def test_compare_and_the_launchers_start_jobs_in_one_order(tiny_config, tmp_path, monkeypatch):
@@ -197,16 +246,17 @@ def test_compare_and_the_launchers_start_jobs_in_one_order(tiny_config, tmp_path
     base = tiny_config("cmp", train={"steps": 8})
     jobs = plan_jobs(base, variants_for(base, ("both",)), 2, (0.5, 1.0), tmp_path / "runs")
     arm0, arm1 = "seed-0/s4-r0.5-T8", "seed-1/s4-r0.5-T8"
-    assert [j.id for j in jobs] == [f"seed-{s}/{n}" for s in (0, 1) for n in ("trunk", "baseline-4", "baseline-8",
-                                                                              "s4-r0.5-T8")]
-    altered = [replace(j, after=arm1) if j.id == "seed-0/trunk" else j for j in reversed(jobs)]
-    expected = [arm1, "seed-1/trunk", arm0,  # wait for none, in the altered list's order
-                "seed-1/baseline-8", "seed-1/baseline-4", "seed-0/trunk",  # wait for one of those
-                "seed-0/baseline-8", "seed-0/baseline-4"]  # wait for seed-0's trunk, which now waits itself
+    assert [j.id for j in jobs] == [f"seed-{s}/{n}" for s in (0, 1) for n in JOBS]
+    altered = [replace(j, after=arm1) if j.id == "seed-0/trunk-3" else j for j in reversed(jobs)]
+    expected = [arm1, "seed-1/trunk-3", arm0,  # wait for none, in the altered list's order
+                "seed-1/baseline-4", "seed-1/trunk-6", "seed-0/trunk-3",  # wait for one of those
+                "seed-1/baseline-8", "seed-0/baseline-4", "seed-0/trunk-6",  # and so on
+                "seed-0/baseline-8"]
 
     trained = []
     monkeypatch.setattr(superpose.compare.runner, "train", lambda cfg, **_: trained.append(
-        f"seed-{cfg.seed}/{cfg.name}") or SimpleNamespace(stopped=False))
+        f"seed-{cfg.seed}/{cfg.name}" + (f"-{cfg.train.stop_at}" if cfg.train.stop_at else ""))
+        or SimpleNamespace(stopped=False))
     run_jobs(altered, progress=False)
 
     monkeypatch.setattr(superpose.compare.plan, "plan_jobs", lambda *args: altered)
@@ -240,7 +290,8 @@ def test_every_paper_config_plans(tmp_path, monkeypatch):
         plan = json.loads((tmp_path / path.stem / "plan.json").read_text())
         assert (plan["gpus"], plan["nodes"], plan["family"]) == (section["gpus"], section["nodes"], section["family"])
         labels = {v["label"] for v in plan["variants"]}
-        assert len(plan["jobs"]) == 1 + len(section["family"]) + len(labels)  # trunk, family, arms (one seed)
+        # one trunk segment per fork step, the family, the arms (one seed)
+        assert len(plan["jobs"]) == 2 * len(section["family"]) + len(labels)
     assert {v["label"] for v in json.loads((tmp_path / "smollm3-3b" / "plan.json").read_text())["variants"]} == {
         "s6-r0.3"}
     assert {v["label"] for v in json.loads((tmp_path / "qwen3-moe-10b-a1b" / "plan.json").read_text())["variants"]} == {
@@ -248,6 +299,12 @@ def test_every_paper_config_plans(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "sweep-270m" / "plan.json").read_text())["variants"]) == 12
     ablation = json.loads((tmp_path / "ablation-270m" / "plan.json").read_text())
     assert {v["tst"]["mode"] for v in ablation["variants"]} == {"both", "input", "output"}
+    # family 0.5,1,2,4 of 20k steps: each member ends at its own length (the whole trunk first: 66k, 68k, 72k, 80k);
+    # the makespan stays the longest member's 80k, its fork at 64k plus its decay (docs/cluster.md)
+    recipe = json.loads((tmp_path / "llama-270m" / "plan.json").read_text())
+    assert {j["id"]: j["finish_step"] for j in recipe["jobs"] if j["kind"] == "baseline"} == {
+        f"seed-0/baseline-{n}": n for n in (10000, 20000, 40000, 80000)}
+    assert recipe["makespan_steps"] == 80000
 
 
 @pytest.mark.parametrize("section, fragment", [
@@ -311,14 +368,18 @@ def _numbers(report):
 def test_planned_jobs_out_of_order_killed_and_rerun_report_what_compare_reports(embedded_data, tmp_path, capsys):
     base = make_tiny_config(embedded_data, tmp_path / "unused", "cmp", train={"steps": 8})
     folder, plan = _plan(tmp_path, base)
-    trunk, b4, b8, arm = "seed-0/trunk", "seed-0/baseline-4", "seed-0/baseline-8", "seed-0/s4-r0.5-T8"
+    first, trunk, b4, b8, arm = (f"seed-0/{name}" for name in JOBS)
 
     (code, err), = _finish(_job(plan, b8))  # a fork before its trunk: refused in one line, nothing written
     assert code == 2 and "trunk/checkpoints/step-0000006 does not exist yet" in err
-    # the arm and the trunk at once; the trunk SIGKILLed after step 5 (kept step 3, periodic step 4)
-    (arm_code, _), (trunk_code, _) = _finish(_job(plan, arm), _job(plan, trunk, **{KILL_ENV: "step:5"}))
-    assert (arm_code, trunk_code) == (0, -signal.SIGKILL)
+    # the arm and the trunk's first segment at once: it stops at the fork step 3 with its checkpoint, and succeeds
+    (arm_code, _), (first_code, _) = _finish(_job(plan, arm), _job(plan, first))
+    assert (arm_code, first_code) == (0, 0)
     checkpoints = folder / "runs" / "seed-0" / "trunk" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000003"]
+    # the second segment continues the run and is SIGKILLed after step 5 (kept step 3, periodic step 4)
+    (trunk_code, _), = _finish(_job(plan, trunk, **{KILL_ENV: "step:5"}))
+    assert trunk_code == -signal.SIGKILL
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000003", "step-0000004"]
 
     # the short baseline forks from the kept step 3 while the killed trunk is rerun: it resumes at step 4

@@ -2,7 +2,8 @@
 (exit 2, naming the file and the field), never a traceback; a run killed mid-way is reported "stopped" with the
 command that continues it, and only a run whose folder lock a live process holds is "running".
 
-One plan is trained once per module: its trunk SIGKILLed at step 5 (a real kill, in its own process), the short
+One plan is trained once per module: its trunk SIGKILLed at step 5 (a real kill, in its own process: the trunk's
+last segment, which trains it from step 0 when run alone; the first segment, to step 3, has finished), the short
 baseline forked from the trunk's kept step 3, the arm finished, the long baseline not started. Case count
 (hypothesis max_examples): damaged plan files 60.
 """
@@ -29,7 +30,9 @@ from superpose.train.config_load import load_config
 from superpose.train.faults import KILL_ENV
 from superpose.train.loop import train
 
-TRUNK, SHORT, LONG, ARM = "seed-0/trunk", "seed-0/baseline-4", "seed-0/baseline-8", "seed-0/s4-r0.5-T8"
+FIRST, TRUNK = "seed-0/trunk-3", "seed-0/trunk-6"
+"""The trunk's segments: to the fork steps 3 and 6 (one run folder)."""
+SHORT, LONG, ARM = "seed-0/baseline-4", "seed-0/baseline-8", "seed-0/s4-r0.5-T8"
 HOLD = "import sys; from superpose.files import FolderLock\nwith FolderLock(sys.argv[1], 'run folder'):\n" \
        "    print('held', flush=True); sys.stdin.read()"
 """A live process that holds a run folder's lock as a training run does, until it is killed."""
@@ -69,11 +72,12 @@ def test_a_killed_run_is_stopped_and_only_a_held_lock_is_running(plans, tmp_path
     resume = f"superpose train {folder.resolve() / 'jobs' / TRUNK / 'config.toml'} --resume"
     states = _states(folder)
     assert {run: s["state"] for run, s in states.items()} == {
-        TRUNK: "stopped", SHORT: "finished", LONG: "not started", ARM: "finished"}
+        FIRST: "finished", TRUNK: "stopped", SHORT: "finished", LONG: "not started", ARM: "finished"}
     assert (states[TRUNK]["step"], states[TRUNK]["resume"]) == (5, resume)
     assert "resume" not in states[LONG]
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder / "runs" / TRUNK)], stdin=subprocess.PIPE,
+    run_dir = folder / "runs" / "seed-0" / "trunk"  # the segments' one run folder
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline() == "held\n"
@@ -91,7 +95,7 @@ def test_a_killed_run_is_stopped_and_only_a_held_lock_is_running(plans, tmp_path
     assert f"| {TRUNK} | trunk | stopped | 5 of 6 | `{resume}` |" in md
     assert f"| {LONG} | baseline | not started | 0 of 8 | – |" in md
     saved = json.loads((tmp_path / "report" / "report.json").read_text())["status"]
-    assert [s["state"] for s in saved] == ["stopped", "finished", "not started", "finished"]
+    assert [s["state"] for s in saved] == ["finished", "stopped", "finished", "not started", "finished"]
     capsys.readouterr()
 
 

@@ -3,9 +3,11 @@ every launcher starts them in.
 
 Every run is an ordinary run config (the trunk keeps its fork-step checkpoints, a member starts from one:
 ``checkpoint.keep_steps``, ``checkpoint.fork_from``), so the same list of jobs is trained in this process
-(``runner``) or written as cluster jobs (``plan``). A job names the job it waits for (``after``), and
-:func:`launch_order` turns those dependencies into the order of starts; the in-process runner and the plan's
-launchers all take it from there, so no launcher writes the graph down a second time.
+(``runner``) or written as cluster jobs (``plan``). The trunk is a chain of segment jobs, one per fork step, each the
+same run stopped at that step (``train.stop_at``), so a member waits for the segment that writes its fork checkpoint
+and not for the whole trunk. A job names the job it waits for (``after``), and :func:`launch_order` turns those
+dependencies into the order of starts; the in-process runner and the plan's launchers all take it from there, so no
+launcher writes the graph down a second time.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def check_comparison(base: RunConfig, variants: Sequence[Variant], seeds: int, f
 @dataclass(frozen=True)
 class Job:
     """One run of a comparison, an ordinary ``superpose train CONFIG --resume``, and what it waits for: a baseline
-    forked from its seed's trunk can start once the trunk has written its checkpoint at ``wait_step``."""
+    forked from its seed's trunk can start once the trunk segment ending at ``wait_step`` has written its checkpoint
+    there; a trunk segment continues from where the one before it stopped (``wait_step``)."""
 
     seed: int
     kind: str
@@ -138,32 +141,42 @@ class Job:
     """A TST arm's variant label."""
 
     @property
+    def steps(self) -> int:
+        """The step this job's run ends at: a trunk segment's ``train.stop_at``, else its last step."""
+        return self.cfg.train.stop_at or self.cfg.train.steps
+
+    @property
     def id(self) -> str:
-        return f"seed-{self.seed}/{self.cfg.name}"
+        """``seed-N/NAME``; a trunk segment's ``seed-N/trunk-STEP`` (the segments share one run folder)."""
+        name = self.cfg.name + (f"-{self.cfg.train.stop_at}" if self.cfg.train.stop_at else "")
+        return f"seed-{self.seed}/{name}"
 
 
 def family_jobs(base: RunConfig, lengths: Sequence[int], runs: Path) -> list[Job]:
     """The baselines of the given lengths for ``base.seed`` and, for a WSD LR, the constant-LR trunk they fork from.
 
-    The trunk trains straight to the last fork step and keeps its checkpoint at every fork step
-    (``checkpoint.keep_steps``); each baseline starts from the one at its decay start (``checkpoint.fork_from``).
-    In this process a trunk another comparison left in the runs folder is extended (``runner``).
+    The trunk runs to the last fork step and keeps its checkpoint at every fork step (``checkpoint.keep_steps``), as
+    a chain of segments: one job per fork step, the same run config stopped at that step (``train.stop_at``; its
+    constant LR does not depend on where a process stops). Each baseline starts from the checkpoint at its decay start
+    (``checkpoint.fork_from``) once the segment ending there has finished. In this process a trunk another
+    comparison left in the runs folder is extended (``runner``).
     """
     forks = {steps: fork_step(base, steps) for steps in lengths}
     keep = sorted({f for f in forks.values() if f > 0})
     jobs: list[Job] = []
-    trunk = None
-    if keep:
-        trunk = Job(base.seed, "trunk", derive(base, "trunk", runs, tst=BASELINE_TST, optim={"decay_fraction": 0.0},
-                                               train={"steps": keep[-1]},
-                                               checkpoint={**NO_FORK, "keep_steps": keep}))
-        jobs.append(trunk)
+    segment: dict[int, Job] = {}
+    for end in keep:
+        cfg = derive(base, "trunk", runs, tst=BASELINE_TST, optim={"decay_fraction": 0.0},
+                     train={"steps": keep[-1], "stop_at": end}, checkpoint={**NO_FORK, "keep_steps": keep})
+        previous = jobs[-1] if jobs else None
+        segment[end] = Job(base.seed, "trunk", cfg, previous.id if previous else "", previous.steps if previous else 0)
+        jobs.append(segment[end])
     for steps in sorted(set(lengths)):
         fork = forks[steps]
-        source = str(trunk.cfg.run_dir / "checkpoints" / checkpoint_name(fork)) if fork else ""
+        source = str(segment[fork].cfg.run_dir / "checkpoints" / checkpoint_name(fork)) if fork else ""
         cfg = derive(base, f"baseline-{steps}", runs, tst=BASELINE_TST, train={"steps": steps},
                      checkpoint={**NO_FORK, "fork_from": source})
-        jobs.append(Job(base.seed, "baseline", cfg, trunk.id if fork else "", fork))
+        jobs.append(Job(base.seed, "baseline", cfg, segment[fork].id if fork else "", fork))
     return jobs
 
 
@@ -207,3 +220,13 @@ def launch_order(after: Mapping[str, str]) -> list[str]:
         return depth[job]
 
     return sorted(after, key=depth_of)  # sorted is stable: plan order among equal depths
+
+
+def finish_steps(after: Mapping[str, str], own_steps: Mapping[str, int]) -> dict[str, int]:
+    """When each job ends, in steps from the plan's start, if every job starts as soon as the one it waits for has
+    ended (machines enough for all): its own steps (``steps - wait_step``: a fork counts only its decay) plus the
+    finish of the job it waits for. The largest is the plan's makespan: its longest chain of waits."""
+    finish: dict[str, int] = {}
+    for job in launch_order(after):  # a job comes after the one it waits for
+        finish[job] = (finish[after[job]] if after[job] else 0) + own_steps[job]
+    return finish

@@ -2,10 +2,12 @@
 config, the dependency graph and launchers; ``superpose compare --report DIR`` collects whatever has finished.
 
 ``DIR`` holds ``plan.json`` (the comparison and its jobs: id, config, command, torchrun command, the job it waits
-for, the checkpoint it forks from and the step that checkpoint is written at), ``jobs/seed-N/NAME/config.toml``
-(one run config per job, trained with ``superpose train CONFIG --resume``) and ``job.sbatch`` beside it,
-``run_local.sh`` (every job on this machine, one after another or ``-j N`` at a time), ``torchrun.sh JOB`` and
-``slurm.sh`` (every job submitted with sbatch; a fork after its trunk), and ``runs/`` unless ``--runs`` says where.
+for, the checkpoint it forks from and the step that checkpoint is written at, the step it ends at and when it would
+finish; the plan's makespan), ``jobs/seed-N/NAME/config.toml`` (one run config per job, trained with
+``superpose train CONFIG --resume``) and ``job.sbatch`` beside it, ``run_local.sh`` (every job on this machine, one
+after another or ``-j N`` at a time), ``torchrun.sh JOB`` and ``slurm.sh`` (every job submitted with sbatch; a trunk
+segment after the one before it, a fork after the segment that writes its fork checkpoint), and ``runs/`` unless
+``--runs`` says where.
 The jobs are the ones the in-process ``compare`` trains (``jobs.plan_jobs``), started in the same order
 (``jobs.launch_order``, from the jobs' ``after`` alone), so both give the same numbers.
 """
@@ -23,7 +25,7 @@ from ..files import atomic_dir, read_json_object, require_empty
 from ..train.config import RunConfig
 from ..train.config_load import config_from_dict, read_toml
 from .isoloss import DEFAULT_FAMILY
-from .jobs import Job, Variant, check_comparison, launch_order, plan_jobs
+from .jobs import Job, Variant, check_comparison, finish_steps, launch_order, plan_jobs
 from .results import Comparison, collect
 
 SECTION_DEFAULTS: dict[str, Any] = {"seeds": 1, "family": list(DEFAULT_FAMILY), "ablation": ["both"],
@@ -67,7 +69,7 @@ def _sh(path: Path | str) -> str:
 def _job_json(job: Job, config: Path, gpus: int, nodes: int) -> dict[str, Any]:
     train = f"superpose train {_sh(config)} --resume"
     return {"id": job.id, "kind": job.kind, "seed": job.seed, "label": job.label, "config": str(config),
-            "run_dir": str(job.cfg.run_dir), "steps": job.cfg.train.steps, "after": job.after,
+            "run_dir": str(job.cfg.run_dir), "steps": job.steps, "after": job.after,
             "fork_from": job.cfg.checkpoint.fork_from, "wait_step": job.wait_step, "command": train,
             "torchrun": f"torchrun --nnodes {nodes} --nproc_per_node {gpus} -m {train}"}
 
@@ -78,14 +80,23 @@ def _in_launch_order(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [by_id[i] for i in launch_order({job["id"]: job["after"] for job in plan["jobs"]})]
 
 
+def _set_finish_steps(jobs: list[dict[str, Any]]) -> int:
+    """Set each plan.json job's ``finish_step`` (:func:`~.jobs.finish_steps`); returns the plan's makespan."""
+    finish = finish_steps({j["id"]: j["after"] for j in jobs}, {j["id"]: j["steps"] - j["wait_step"] for j in jobs})
+    for job in jobs:
+        job["finish_step"] = finish[job["id"]]
+    return max(finish.values())
+
+
 def _run_local(plan: dict[str, Any]) -> str:
     starts = "\n".join(f"start {_sh(j['id'])} {_sh(j['config'])} {_sh(j['after'])} {_sh(j['fork_from'])}"
                        for j in _in_launch_order(plan))
     return f"""#!/usr/bin/env bash
 # Train every run of this plan on this machine, in dependency order: one after another, or -j N at a time. A
-# baseline forked from its trunk starts once the trunk has written the checkpoint it starts from. Every run is
-# `superpose train CONFIG --resume`, so running this again continues what was stopped and skips nothing finished
-# twice (a finished run resumes at its end). Logs: logs/. SUPERPOSE overrides the command (default: superpose).
+# baseline forked from its trunk starts once the trunk has written the checkpoint it starts from; a trunk segment
+# once the segment before it has ended. Every run is `superpose train CONFIG --resume`, so running this again
+# continues what was stopped and skips nothing finished twice (a finished run resumes at its end). Logs: logs/.
+# SUPERPOSE overrides the command (default: superpose).
 set -u
 plan={_sh(plan['dir'])}
 cd {_sh(plan['workdir'])} || exit 2
@@ -98,7 +109,7 @@ while getopts j: opt; do
     esac
 done
 mkdir -p "$plan/logs"
-declare -A pid
+declare -A pid rc
 failed=0
 
 running() {{
@@ -107,8 +118,18 @@ running() {{
     echo "$n"
 }}
 
+ended() {{  # JOB: wait for it to end (once); its exit status
+    [ -n "${{rc[$1]:-}}" ] || {{ wait "${{pid[$1]}}"; rc[$1]=$?; }}
+    return "${{rc[$1]}}"
+}}
+
 start() {{  # JOB CONFIG AFTER FORK_FROM
     local job=$1 config=$2 after=$3 source=$4
+    if [ -z "$source" ] && [ -n "$after" ] && ! {{ [ -n "${{pid[$after]:-}}" ] && ended "$after"; }}; then
+        echo "$job: not started: $after did not finish" >&2
+        failed=1
+        return
+    fi
     if [ -n "$source" ]; then
         until [ -f "$source/state.json" ]; do
             if [ -z "${{pid[$after]:-}}" ] || ! kill -0 "${{pid[$after]}}" 2>/dev/null; then
@@ -128,7 +149,7 @@ start() {{  # JOB CONFIG AFTER FORK_FROM
 
 {starts}
 for job in "${{!pid[@]}}"; do
-    if ! wait "${{pid[$job]}}"; then echo "$job failed: see $plan/logs/" >&2; failed=1; fi
+    if ! ended "$job"; then echo "$job failed: see $plan/logs/" >&2; failed=1; fi
 done
 exit $failed
 """
@@ -181,8 +202,10 @@ def _slurm(plan: dict[str, Any]) -> str:
                         for j in _in_launch_order(plan))
     return f"""#!/usr/bin/env bash
 # Submit every run of this plan to SLURM: bash slurm.sh [SBATCH OPTIONS...] (e.g. --partition=gpu --time=24:00:00,
-# given to every job). A baseline forked from its seed's trunk starts after the trunk (afterok): the makespan is the
-# trunk plus the longest decay either way. Each job is jobs/JOB/job.sbatch; submitting one again continues it.
+# given to every job). The trunk is a chain of segment jobs, each ending at a fork step; a baseline starts after the
+# segment that writes its fork checkpoint (afterok), so each member ends at its own length in steps, not after the
+# whole trunk (plan.json: finish_step, makespan_steps = {plan['makespan_steps']}). Each job is jobs/JOB/job.sbatch;
+# submitting one again continues it.
 set -euo pipefail
 plan={_sh(plan['dir'])}
 options=("$@")
@@ -219,6 +242,7 @@ def write_plan(out: Path, base: RunConfig, variants: Sequence[Variant], seeds: i
             "gpus": gpus, "nodes": nodes, "base": base.to_dict(), "seeds": seeds, "family": list(family),
             "variants": [{"label": v.label, "tst": v.tst} for v in variants], **(extra or {}),
             "jobs": [_job_json(job, out / "jobs" / job.id / "config.toml", gpus, nodes) for job in jobs]}
+    plan["makespan_steps"] = _set_finish_steps(plan["jobs"])
     with atomic_dir(out) as tmp:
         for job in jobs:
             folder = tmp / "jobs" / job.id

@@ -26,7 +26,8 @@ METHOD = (
     "members with an unfinished one in between is a lower bound at the shorter one. Wall-clock and GPU-hours "
     "speedups: the baseline's wall time (GPU-hours) interpolated at those steps over the TST run's. Accounting: a "
     "run's wall time is its metrics' clock (training, evaluation and checkpoints; time lost to a kill after the last "
-    "checkpoint is not counted); GPU-hours = wall time x world size (run.json), summed over ranks; a forked member "
+    "checkpoint is not counted); GPU-hours = wall time x world size, summed per segment between resumes at that "
+    "segment's world size (each metrics row records it); a forked member "
     "costs the trunk's time up to its fork plus its own steps, as a baseline of that length trained alone would. "
     "Spread: sample standard deviation over seeds (each seed has its own family)."
 )

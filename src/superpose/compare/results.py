@@ -25,13 +25,13 @@ Rows = list[dict[str, Any]]
 
 def same_run(cfg: RunConfig, trunk: bool = False) -> RunConfig:
     """The config of the run in ``cfg``'s folder, refused when it was made with a different config. A trunk may
-    differ in its length and kept steps: its constant LR does not depend on them, so one trunk serves comparisons of
-    every length."""
+    differ in its length, kept steps and where a segment stops: its constant LR does not depend on them, so one trunk
+    serves comparisons of every length."""
     saved = load_config(cfg.run_dir / "config.toml")
     theirs, mine = saved.to_dict(), cfg.to_dict()
     if trunk:
         for config in (theirs, mine):
-            config["train"]["steps"], config["checkpoint"]["keep_steps"] = 0, []
+            config["train"]["steps"], config["train"]["stop_at"], config["checkpoint"]["keep_steps"] = 0, 0, []
     if theirs != mine:
         raise SuperposeError(f"{cfg.run_dir} holds a run with a different config; use another --out or --runs folder")
     return saved
@@ -84,6 +84,19 @@ def _world_size(cfg: RunConfig) -> int:
     return read_json_object(cfg.run_dir / "run.json").get("world_size", 1)
 
 
+def gpu_seconds(rows: Rows, world_size: int, since: float = 0.0) -> float:
+    """Wall time x ranks over ``rows``, from the clock at ``since``: each stretch between two logged rows at the
+    world size of the process that wrote the later one, so a run resumed on another number of ranks costs each
+    segment between resumes at its own size. (A resume continues at a checkpoint, whose step has a row unless a stop
+    signal wrote it between rows: then the steps since the last row, fewer than ``train.log_every``, count at the
+    resumed size.) Rows written before rows carried ``world_size`` count at ``world_size``."""
+    total = 0.0
+    for row in rows:
+        total += (row["wall_time"] - since) * row.get("world_size", world_size)
+        since = row["wall_time"]
+    return total
+
+
 @dataclass
 class Member:
     """A finished baseline of the family, its metrics stitched onto the trunk's rows before the fork."""
@@ -94,7 +107,8 @@ class Member:
     wall_time: float
     """Seconds from step 0, the trunk's up to the fork included (a fork resumes the trunk's clock)."""
     gpu_hours: float
-    """Wall time x ranks summed over the trunk up to the fork and the member's own steps."""
+    """Wall time x ranks summed over the trunk up to the fork and the member's own steps, each segment between
+    resumes at its own world size."""
     flops: int
     rows: list[dict[str, Any]] = field(repr=False)
 
@@ -103,8 +117,8 @@ def _member(job: Job, rows: list[dict[str, Any]], trunk_rows: list[dict[str, Any
     prefix = [r for r in trunk_rows if r["step"] <= job.wait_step] if job.wait_step else []
     shared = prefix[-1]["wall_time"] if prefix else 0.0
     last = rows[-1]
-    gpu_seconds = trunk_world * shared + _world_size(job.cfg) * (last["wall_time"] - shared)
-    return Member(job.cfg.train.steps, job.wait_step, last["val_loss"], last["wall_time"], gpu_seconds / 3600,
+    seconds = gpu_seconds(prefix, trunk_world) + gpu_seconds(rows, _world_size(job.cfg), since=shared)
+    return Member(job.cfg.train.steps, job.wait_step, last["val_loss"], last["wall_time"], seconds / 3600,
                   last["flops"], prefix + rows)
 
 
@@ -154,7 +168,7 @@ def _arm(job: Job, rows: list[dict[str, Any]], family: list[Member], lengths: Se
     done = [m.steps for m in family]
     iso = iso_loss_partial(lengths, {m.steps: m.final_val_loss for m in family}, last["val_loss"])
     extra = overhead_flops(cfg)
-    gpu_hours = _world_size(cfg) * last["wall_time"] / 3600
+    gpu_hours = gpu_seconds(rows, _world_size(cfg)) / 3600
     same_length = next((m for m in family if m.steps == steps), None)
     return Arm(
         label=job.label, seed=cfg.seed, steps=steps, mode=cfg.tst.mode, final_val_loss=last["val_loss"],
@@ -185,10 +199,18 @@ class Comparison:
     stopped run also the command that continues it (``resume``)."""
 
 
+def _job_state(job: Job, rows: Rows, done: bool) -> str:
+    """:func:`run_state` of a job; a trunk segment whose run has not passed the step it starts from has not started
+    (the segment before it may hold the run folder)."""
+    if job.kind == "trunk" and not done and not (rows and rows[-1]["step"] > job.wait_step):
+        return "not started"
+    return run_state(job.cfg, rows, done)
+
+
 def _finished_rows(jobs: Sequence[Job], partial: bool) -> tuple[dict[str, Rows], Rows]:
     """The rows of every finished job by id, and every job's state; an unfinished one is refused unless
-    ``partial``. A trunk has finished once it reached its last fork step (a longer comparison that shares the runs
-    folder may have extended it past that)."""
+    ``partial``. A trunk segment has finished once the trunk reached the step it stops at (a longer comparison that
+    shares the runs folder may have extended it past that)."""
     finished: dict[str, Rows] = {}
     status = []
     for job in jobs:
@@ -196,13 +218,13 @@ def _finished_rows(jobs: Sequence[Job], partial: bool) -> tuple[dict[str, Rows],
         if (job.cfg.run_dir / "config.toml").exists():
             same_run(job.cfg, trunk)
         rows = read_rows(job.cfg)
-        done = bool(rows) and rows[-1]["step"] >= job.cfg.train.steps if trunk else is_finished(job.cfg, rows)
+        done = bool(rows) and rows[-1]["step"] >= job.steps if trunk else is_finished(job.cfg, rows)
         if done:
             finished[job.id] = rows
         elif not partial:
             raise SuperposeError(f"{job.cfg.run_dir} has not finished")
-        status.append({"run": job.id, "kind": job.kind, "label": job.label, "state": run_state(job.cfg, rows, done),
-                       "step": rows[-1]["step"] if rows else 0, "steps": job.cfg.train.steps})
+        status.append({"run": job.id, "kind": job.kind, "label": job.label, "state": _job_state(job, rows, done),
+                       "step": rows[-1]["step"] if rows else 0, "steps": job.steps})
     return finished, status
 
 

@@ -28,9 +28,10 @@ def _train(cfg: RunConfig, progress: bool) -> None:
 
 
 def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
-    """Train the trunk until it holds a kept checkpoint at every fork step of ``cfg``. A trunk that another
-    comparison (another length) started is extended, its kept steps and ours together, not trained again; one that
-    passed a fork step of ours without a checkpoint there cannot serve, and is refused."""
+    """Train a trunk segment until the trunk holds a kept checkpoint at every fork step of ``cfg`` up to the
+    segment's ``train.stop_at``. A trunk that another comparison (another length) started is extended, its kept
+    steps and ours together, not trained again; one that passed a fork step of ours without a checkpoint there cannot
+    serve, and is refused."""
     if (cfg.run_dir / "config.toml").exists():
         saved = same_run(cfg, trunk=True)
         have = {checkpoint_step(path) for path in list_checkpoints(cfg.run_dir)}
@@ -38,7 +39,8 @@ def _ensure_trunk(cfg: RunConfig, progress: bool) -> None:
         if missed:
             raise SuperposeError(f"{cfg.run_dir} passed step {missed[0]} without a checkpoint to fork from; use "
                                  f"another --runs folder")
-        if have.issuperset(cfg.checkpoint.keep_steps):
+        end = cfg.train.stop_at or cfg.train.steps
+        if have.issuperset(step for step in cfg.checkpoint.keep_steps if step <= end):
             return
         cfg = derive(cfg, train={"steps": max(cfg.train.steps, saved.train.steps)},
                      checkpoint={"keep_steps": sorted({*cfg.checkpoint.keep_steps, *saved.checkpoint.keep_steps})})

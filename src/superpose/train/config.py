@@ -245,6 +245,9 @@ class TrainConfig:
     """Sequences per no-grad validation forward on each rank; 0 = twice micro_batch_size (no activations are kept)."""
     profile_steps: int = 0
     """Trace this many steps (after one warm-up step) with torch.profiler into the run folder's profile/; 0 = off."""
+    stop_at: int = 0
+    """End this process after this step, with a checkpoint kept forever (--resume continues); the LR and phase
+    schedules still span train.steps. A planned comparison's trunk segments; 0 = run to train.steps."""
 
     def validate(self, world_size: int) -> None:
         for key in ("steps", "batch_size", "seq_len", "log_every", "max_skips", "replicas"):
@@ -261,6 +264,8 @@ class TrainConfig:
         _require(self.parallel in ("fsdp", "ddp"), f"train.parallel: must be fsdp or ddp, got {self.parallel!r}")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype: must be auto, fp32 or bf16, got {self.dtype!r}")
         _require(self.nonfinite in ("skip", "stop"), f"train.nonfinite: must be skip or stop, got {self.nonfinite!r}")
+        _require(0 <= self.stop_at <= self.steps,
+                 f"train.stop_at: must be a step from 1 to train.steps ({self.steps}), or 0 (off); got {self.stop_at}")
 
 
 @dataclass
