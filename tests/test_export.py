@@ -18,7 +18,7 @@ from superpose.cli import main
 from superpose.errors import SuperposeError
 from superpose.export import PORTABLE_TOKENIZER_CLASS, export, load_export, load_model, load_run
 from superpose.models import build_model, model_config
-from superpose.train.checkpoint import load_checkpoint
+from superpose.train.checkpoint import load_checkpoint, write_manifest
 from superpose.train.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save, one process
@@ -94,6 +94,7 @@ def test_load_weights_from_sharded_checkpoint(tmp_path, tied_saved_once):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000004"
     dcp.save({"model": state}, checkpoint_id=str(checkpoint / "dcp"))
     (checkpoint / "state.json").write_text(json.dumps({"step": 4}))
+    write_manifest(checkpoint)
     fresh = build_model("tiny", 512, seed=2)
     assert load_checkpoint(tmp_path / "run", fresh, None)["step"] == 4
     for key, value in trained.state_dict().items():
@@ -104,6 +105,7 @@ def test_sharded_checkpoint_of_another_model_is_refused(tmp_path):
     checkpoint = tmp_path / "checkpoints" / "step-0000001"
     dcp.save({"model": build_model("tiny-qwen3", 512).state_dict()}, checkpoint_id=str(checkpoint / "dcp"))
     (checkpoint / "state.json").write_text("{}")
+    write_manifest(checkpoint)
     with pytest.raises(SuperposeError, match="does not match the model"):
         load_checkpoint(tmp_path, build_model("tiny", 512), None)
 
@@ -153,19 +155,15 @@ def test_run_with_model_overrides_exports_and_loads(tiny_config, tmp_path):
     out = export(run, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["intermediate_size"]) == (64, 192)
-    older = Path(shutil.copytree(run, tmp_path / "older"))  # a run written before training saved config.json
-    for path in older.rglob("config.json"):
-        path.unlink()
     exported, tokenizer = load_model(out)
     ids = torch.tensor([tokenizer("import os").input_ids])
     with torch.no_grad():
-        for source in (run, older):  # from config.json, and from run.json's preset with config.toml's overrides
-            assert torch.equal(exported(ids).logits, load_run(source)[0](ids).logits)
+        assert torch.equal(exported(ids).logits, load_run(run)[0](ids).logits)
 
 
 def test_config_json_of_the_run_decides_the_model(tst_run, tmp_path):
-    """config.json (written by training in the run folder and every checkpoint) is the model; run.json's preset is
-    only the fallback for runs written before."""
+    """config.json (written by training in the run folder and every checkpoint, covered by its manifest) is the
+    model; run.json's preset is not read."""
     run = Path(shutil.copytree(tst_run, tmp_path / "run"))
     assert (run / "config.json").is_file() and all((c / "config.json").is_file() for c in run.glob("checkpoints/step-*"))
     info = json.loads((run / "run.json").read_text())

@@ -42,19 +42,22 @@ def reference(embedded_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["step:5", "checkpoint:6", "step:6", "checkpoint:8", "step:11"])
+@pytest.mark.parametrize("point", ["step:5", "checkpoint:6", "step:6", "checkpoint:8", "manifest:8", "step:11"])
 def test_sigkill_then_resume_gives_uninterrupted_losses(tiny_config, tmp_path, reference, point):
-    """Killed mid-run, mid-checkpoint-write, right at the phase switch (step 6): resume, same losses."""
+    """Killed mid-run, mid-checkpoint-write (after the weights; after every file but the manifest), right at the
+    phase switch (step 6): resume, same losses."""
     cfg = tiny_config("killed")
     path = tmp_path / "killed.toml"
     path.write_text(cfg.to_toml())
     died = cli(path, env={KILL_ENV: point})
     assert died.returncode == -signal.SIGKILL
-    step = int(point.split(":")[1])
+    where, step = point.split(":")[0], int(point.split(":")[1])
+    in_write = where in ("checkpoint", "manifest")
     complete = [p.name for p in list_checkpoints(cfg.run_dir)]
-    assert all(int(name.split("-")[1]) < step or not point.startswith("checkpoint") for name in complete)
-    if point.startswith("checkpoint"):
-        assert (cfg.run_dir / "checkpoints" / f".tmp-step-{step:07d}").is_dir()  # the half-written one
+    assert all(int(name.split("-")[1]) < step or not in_write for name in complete)
+    if in_write:
+        half = cfg.run_dir / "checkpoints" / f".tmp-step-{step:07d}"
+        assert half.is_dir() and (where == "checkpoint") != (half / "state.json").is_file()  # the half-written one
     resumed = cli(path, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(cfg.run_dir) == reference

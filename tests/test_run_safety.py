@@ -71,6 +71,30 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_complete_one(tiny_config, 
     assert train(cfg, resume=True, progress=False).steps == 8
 
 
+@pytest.mark.parametrize(("key", "value"), [("lr", 1e-3), ("weight_decay", 0.0), ("beta2", 0.99), ("grad_clip", 0.5)])
+def test_resume_refuses_a_changed_update_rule(tiny_config, key, value):
+    """Issue 19 item 13: a changed optim.lr resumed without a word (a changed beta, eps or weight_decay was silently
+    replaced by the saved optimizer state's); each is one line naming the key, both values and the checkpoint."""
+    cfg = tiny_config(train={"steps": 4})
+    train(cfg, progress=False)
+    before = {p: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file()}
+    changed = tiny_config(train={"steps": 4}, optim={key: value})
+    saved = getattr(cfg.optim, key)
+    with pytest.raises(SuperposeError, match=rf"--resume: optim\.{key} is {value!r} but checkpoint \S+step-0000004 "
+                                             rf"was trained with {saved!r}") as e:
+        train(changed, resume=True, progress=False)
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_may_lengthen_the_run_and_change_its_logging(tiny_config):
+    """What compare's forks and extended trunks change (the run's length, hence its LR schedule's), and what only
+    reports (log and eval cadence, checkpoint cadence), may differ on a resume."""
+    train(tiny_config(train={"steps": 4}), progress=False)
+    longer = tiny_config(train={"steps": 6, "log_every": 2}, eval={"every": 3}, checkpoint={"every": 3, "keep": 1})
+    assert train(longer, resume=True, progress=False).steps == 6
+
+
 def test_log_lines_and_grouped_dashboard_tags(tiny_config, capsys):
     cfg = tiny_config()  # bag 4 for 6 steps, then bag 1; eval every 4
     result = train(cfg, progress=False)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from superpose.data.loader import WindowLoader
 from superpose.data.shards import open_dataset
 from superpose.errors import SuperposeError
+from superpose.train.checkpoint import write_manifest
 from superpose.train.config import RunConfig
 from superpose.train.config_load import config_from_dict
 from superpose.train.loop import train
@@ -180,13 +181,14 @@ def _set_state(field, value):
     def edit(ckpt):
         state = json.loads((ckpt / "state.json").read_text())
         (ckpt / "state.json").write_text(json.dumps({**state, field: value}))
+        write_manifest(ckpt)  # a consistent checkpoint, so only the content check can catch it
     return edit
 
 
 def _empty_optimizer(ckpt):
     torch.save({"state": {}, "param_groups": torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]},
                ckpt / "optimizer.pt")
-    _set_state("sha256", None)(ckpt)  # a consistent file, so only the content check can catch it
+    write_manifest(ckpt)  # a consistent checkpoint, so only the content check can catch it
 
 
 def _flip_a_weight_bit(ckpt):
@@ -196,12 +198,12 @@ def _flip_a_weight_bit(ckpt):
 
 
 CHECKPOINT_DAMAGE = {
-    "state.json holds 42": (lambda c: (c / "state.json").write_text("42"), "state.json holds int"),
+    "state.json holds 42": (lambda c: ((c / "state.json").write_text("42"), write_manifest(c)), "state.json holds int"),
     "step is text": (_set_state("step", "abc"), "field step is corrupt"),
     "loader is null": (_set_state("loader", None), "field loader is corrupt"),
     "wall_time is text": (_set_state("wall_time", "x"), "field wall_time is corrupt"),
     "optimizer.pt replaced": (lambda c: torch.save([1, 2], c / "optimizer.pt"), "optimizer.pt is damaged"),
-    "optimizer.pt holds a list": (lambda c: (torch.save([1, 2], c / "optimizer.pt"), _set_state("sha256", None)(c)),
+    "optimizer.pt holds a list": (lambda c: (torch.save([1, 2], c / "optimizer.pt"), write_manifest(c)),
                                   "optimizer.pt does not hold an optimizer state"),
     "optimizer state empty": (_empty_optimizer, "the optimizer state holds no moments"),
     "a weight bit flipped": (_flip_a_weight_bit, "model.safetensors is damaged"),
@@ -296,6 +298,7 @@ def test_random_state_json_contents_resume_or_are_one_line_errors(finished_check
     shutil.copytree(pristine, ckpt)
     state = json.loads((ckpt / "state.json").read_text())
     (ckpt / "state.json").write_text(json.dumps({**state, **edits}))
+    write_manifest(ckpt)  # consistent: the content checks must catch it
     model = build_model("tiny", 512, seed=0)
     optimizer = torch.optim.AdamW(model.parameters())
     try:

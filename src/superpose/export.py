@@ -10,9 +10,7 @@ The folder (``config.json``, ``model.safetensors``, ``generation_config.json``, 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 from tokenizers import Tokenizer
@@ -29,13 +27,8 @@ from transformers import (
 from .data.tokenizer import eos_id, load_tokenizer
 from .errors import SuperposeError
 from .files import atomic_dir, first_line, read_json_object, require_empty
-from .models import build_model, model_config, quiet_transformers
-from .train.checkpoint import load_checkpoint, resolve_checkpoint
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .models import build_model, quiet_transformers
+from .train.checkpoint import is_checkpoint, load_checkpoint, resolve_checkpoint, verify_checkpoint
 
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 """The tokenizer class an export names: transformers 4.x and 5.x both have it (5.x's own ``TokenizersBackend``,
@@ -50,27 +43,17 @@ def hf_tokenizer(tokenizer: Tokenizer, max_length: int | None) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, **limit)
 
 
-def run_model_config(checkpoint: Path, run_dir: Path) -> PretrainedConfig:
-    """The transformers config a run trained: the checkpoint's or the run's ``config.json``, else (runs written
-    before training saved it) the preset and vocabulary of ``run.json`` with the shape overrides of ``config.toml``."""
-    for folder in (checkpoint, run_dir):
-        if (folder / "config.json").is_file():
-            read_json_object(folder / "config.json")  # a truncated file names itself, not a transformers internal
-            try:
-                return AutoConfig.from_pretrained(folder)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise SuperposeError(f"{folder / 'config.json'} is not a transformers config: "
-                                     f"{first_line(e)}") from None
-    info = read_json_object(run_dir / "run.json")
-    if not isinstance(info.get("preset"), str) or not isinstance(info.get("vocab_size"), int):
-        raise SuperposeError(f"{run_dir / 'run.json'} is corrupt: it lacks preset and vocab_size")
-    overrides: dict[str, Any] = {}
-    if (run_dir / "config.toml").is_file():
-        try:
-            overrides = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {}).get("overrides", {})
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SuperposeError(f"{run_dir / 'config.toml'} is corrupt: {first_line(e)}") from None
-    return model_config(info["preset"], info["vocab_size"], **overrides)
+def run_model_config(checkpoint: Path) -> PretrainedConfig:
+    """The transformers config a checkpoint was trained with: its ``config.json``, verified with the checkpoint
+    (checkpoints of versions that did not save one have no manifest either, and are refused)."""
+    path = checkpoint / "config.json"
+    if not path.is_file():
+        raise SuperposeError(f"checkpoint {checkpoint} is missing config.json")
+    read_json_object(path)  # a truncated file names itself, not a transformers internal
+    try:
+        return AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SuperposeError(f"{path} is not a transformers config: {first_line(e)}") from None
 
 
 def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -83,8 +66,9 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
     if not (run_dir / "run.json").is_file() or not (run_dir / "tokenizer.json").is_file():
         raise SuperposeError(f"{run_dir} is not a complete run folder (needs run.json and tokenizer.json)")
     read_json_object(run_dir / "run.json")  # the marker of a run: a damaged one is reported even when config.json exists
-    model = build_model(run_model_config(checkpoint, run_dir))
-    load_checkpoint(checkpoint, model, None)
+    verify_checkpoint(checkpoint)  # before its config.json builds the model: an edited config is refused, not exported
+    model = build_model(run_model_config(checkpoint))
+    load_checkpoint(checkpoint, model, None, verified=True)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
     eos = eos_id(tokenizer)
     # Presets and model.config leave special ids to the data (see models.custom_config); a deployed model needs them.
@@ -95,9 +79,10 @@ def load_run(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFa
 
 
 def is_export(path: Path) -> bool:
-    """An exported model folder: a ``config.json`` that is neither a run's nor a checkpoint's copy."""
+    """An exported model folder: a ``config.json`` that is neither a run's nor a checkpoint's copy (a checkpoint
+    missing its ``state.json`` is still a checkpoint, refused by its manifest, never loaded as an export)."""
     path = Path(path)
-    return (path / "config.json").is_file() and not (path / "run.json").exists() and not (path / "state.json").exists()
+    return (path / "config.json").is_file() and not (path / "run.json").exists() and not is_checkpoint(path)
 
 
 def load_export(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -1,7 +1,7 @@
 """Checkpoints: written to a temporary folder and renamed into place, so none is ever half-written.
 
-A checkpoint folder ``step-NNNNNNN`` holds ``state.json`` (step, loader position, counters; written last) and the
-resolved ``config.toml``, plus the weights and optimizer state in one of two layouts:
+A checkpoint folder ``step-NNNNNNN`` holds ``state.json`` (step, loader position, counters), the resolved
+``config.toml`` and the model's ``config.json``, plus the weights and optimizer state in one of two layouts:
 
 - one process: ``model.safetensors`` (the unwrapped Hugging Face model) and ``optimizer.pt`` (the optimizer state
   keyed by parameter name: tensors and numbers only, loaded with ``weights_only=True``);
@@ -9,16 +9,26 @@ resolved ``config.toml``, plus the weights and optimizer state in one of two lay
   in parallel and readable at any world size (DCP's own metadata file is pickled: load only checkpoints you made).
 
 Either layout loads into either kind of run: state dicts are keyed by parameter name, never by position or rank.
+
+``manifest.sha256``, written last, holds the SHA-256 of every other file (the format of ``sha256sum -c``, under a
+header line with the SHA-256 of the lines below it). Every reader (resume, export, generate, eval) verifies the
+whole checkpoint against it first: a file missing, changed or not listed, or a missing or damaged manifest, is one
+line naming the checkpoint. A checkpoint without a manifest is refused, whatever else it holds (those of
+earlier versions, whose ``state.json`` recorded checksums of the weights alone, included), so deleting it cannot
+turn verification off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle  # only for its exception type: nothing here unpickles (optimizer.pt loads with weights_only=True)
+import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Container
+from typing import Any, Container, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -35,13 +45,28 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import SuperposeError
-from ..files import commit_dir, file_sha256, first_line, restore_set_aside, temp_sibling
+from ..files import commit_dir, file_sha256, first_line, restore_set_aside, temp_sibling, write_atomic
 from .distributed import DistInfo, barrier, is_sharded, merge_across_ranks
 from .faults import kill_point
 from .state import TrainState
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 PREFIX = "step-"
 FULL = StateDictOptions(full_state_dict=True)
+MANIFEST = "manifest.sha256"
+_NAME = re.compile(r"step-\d+")
+_HEADER = "# superpose checkpoint manifest: the lines below hash to "
+_HEADER_LINE = re.compile(re.escape(_HEADER) + r"([0-9a-f]{64})")
+_ENTRY = re.compile(r"([0-9a-f]{64})  ([^\n]+)")
+FIXED_ON_RESUME = ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+"""``[optim]`` keys a resumed run must keep: they define the update itself. (The optimizer state saved with the
+weights would silently override a changed ``beta``/``eps``/``weight_decay``, and a changed ``lr`` would silently
+rescale every later update.) The LR schedule's length may change: a compare baseline forks from a constant-LR trunk
+and decays, an extended trunk trains longer."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -54,11 +79,21 @@ def checkpoint_step(path: Path) -> int:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    """A run's checkpoints, oldest first. A folder ``step-N`` appears only by the rename that ends a complete write
+    (a kill leaves ``.tmp-step-N``, never listed), so every one is listed, a damaged one included: reading it
+    names the damage instead of silently resuming from an older one."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), key=checkpoint_step)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder (complete or damaged), not a run folder or an export."""
+    path = Path(path)
+    markers = (MANIFEST, "state.json", "optimizer.pt", "dcp")
+    return (path.is_dir() and not (path / "checkpoints").is_dir()
+            and (bool(_NAME.fullmatch(path.name)) or any((path / m).exists() for m in markers)))
 
 
 def save_checkpoint(
@@ -72,9 +107,10 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (every rank takes part), then drop periodic ones beyond the newest ``keep``.
 
-    ``state`` goes to ``state.json`` with the SHA-256 of every weight and optimizer file added (verified on load);
-    ``state["keep_always"]`` marks checkpoints (phase switches, the final one) that pruning never removes.
-    ``config_files`` (name -> text: the run config, the model's transformers config) are written beside.
+    ``state`` goes to ``state.json``; ``state["keep_always"]`` marks checkpoints (phase switches, the final one)
+    that pruning never removes. ``config_files`` (name -> text: the run config, the model's transformers config) are
+    written beside. The manifest comes last, once every rank's files are complete: each rank hashed a share of the
+    weight files it helped write, rank 0 adds its small files.
     """
     folder = Path(run_dir) / "checkpoints"
     final = folder / checkpoint_name(state["step"])
@@ -84,12 +120,14 @@ def save_checkpoint(
     barrier(info)
     try:
         _write_weights(tmp, model, optimizer, state["step"], info)
-        checksums = _checksums(tmp, info)
+        names = checkpoint_files(tmp)
+        checksums = merge_across_ranks({n: file_sha256(tmp / n) for n in names[info.rank::info.world_size]}, info)
         if info.is_main:
             for name, text in config_files.items():
                 (tmp / name).write_text(text)
-            # state.json is written last: its presence marks a complete checkpoint
-            (tmp / "state.json").write_text(json.dumps({**state, "sha256": checksums}, indent=2))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            kill_point("manifest", state["step"])
+            write_manifest(tmp, checksums)
             commit_dir(tmp, final, replace=True)  # a rerun past a resumed step replaces that step's checkpoint
             _prune(folder, keep)
     except (OSError, SafetensorError, RuntimeError) as e:  # a full or read-only disk: nothing complete was touched
@@ -119,35 +157,77 @@ def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     barrier(info)
 
 
-def _weight_files(path: Path) -> list[str]:
-    """The weight and optimizer files of a checkpoint, relative to it, in a fixed order."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                  if p.is_file() and p.name not in ("state.json", "config.toml", "config.json"))
+def checkpoint_files(path: Path) -> list[str]:
+    """Every file of a checkpoint but its manifest, relative to it (``/``-separated), in a fixed order."""
+    path = Path(path)
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _checksums(path: Path, info: DistInfo) -> dict[str, str]:
-    """SHA-256 of every weight/optimizer file; under torchrun each rank hashes its share of the files."""
-    names = _weight_files(path)
-    return merge_across_ranks({n: file_sha256(path / n) for n in names[info.rank::info.world_size]}, info)
+def write_manifest(path: Path, checksums: Mapping[str, str] | None = None) -> None:
+    """Write the manifest of the checkpoint folder ``path`` atomically: ``checksums`` (name -> SHA-256, as the
+    ranks computed them while writing), and every other file hashed here."""
+    known = checksums or {}
+    sums = {n: known.get(n) or file_sha256(Path(path) / n) for n in checkpoint_files(path)}
+    body = "".join(f"{sums[n]}  {n}\n" for n in sorted(sums))
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    write_atomic(Path(path) / MANIFEST, f"{_HEADER}{digest}\n{body}")
 
 
-def verify_checkpoint(path: Path, state: dict[str, Any], info: DistInfo = DistInfo()) -> None:
-    """Compare every file with the SHA-256 recorded when it was written and name the first damaged one.
+def read_manifest(path: Path) -> dict[str, str]:
+    """The SHA-256 of every file of a checkpoint as its manifest records it; a missing or damaged manifest is one
+    line (never 'unverified')."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise SuperposeError(f"checkpoint {path} is damaged or incomplete: it has no {MANIFEST} (the checksums of "
+                             f"its files, written last; checkpoints of superpose versions without one are refused "
+                             f"too); use another checkpoint")
+    try:
+        header, _, body = file.read_bytes().decode("utf-8").partition("\n")
+    except UnicodeDecodeError:
+        header = body = ""
+    match = _HEADER_LINE.fullmatch(header)
+    entries = [_ENTRY.fullmatch(line) for line in body.split("\n")[:-1]]
+    if (not match or hashlib.sha256(body.encode()).hexdigest() != match[1] or not body.endswith("\n")
+            or not all(entries) or len({e[2] for e in entries}) != len(entries)):
+        raise SuperposeError(f"checkpoint {path}: {MANIFEST} is damaged (its lines do not hash to the SHA-256 in "
+                             f"its header, or are not 'SHA-256  name'); use another checkpoint")
+    return {e[2]: e[1] for e in entries}
 
-    Checkpoints written before checksums were recorded load unverified.
-    """
-    recorded = state.get("sha256")
-    if recorded is None:
-        return
-    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise SuperposeError(f"checkpoint {path}: state.json field sha256 is corrupt")
-    names = sorted(recorded)
-    bad = {n: "" for n in names[info.rank::info.world_size]
-           if not (path / n).is_file() or file_sha256(path / n) != recorded[n]}
+
+def verify_checkpoint(path: Path, info: DistInfo = DistInfo()) -> None:
+    """Check every file of a checkpoint against its manifest and name the first problem: a file missing, one the
+    manifest does not list, or one whose SHA-256 differs. Under torchrun each rank hashes a share of the files."""
+    recorded = read_manifest(path)
+    present = checkpoint_files(path)
+    missing = sorted(set(recorded) - set(present))
+    if missing:
+        raise SuperposeError(f"checkpoint {path} is missing {missing[0]}")
+    unlisted = sorted(set(present) - set(recorded))
+    if unlisted:
+        raise SuperposeError(f"checkpoint {path}: {unlisted[0]} is not in its {MANIFEST} (added after the "
+                             f"checkpoint was written); use another checkpoint")
+    bad = {n: "" for n in present[info.rank::info.world_size] if file_sha256(Path(path) / n) != recorded[n]}
     bad_names = sorted(merge_across_ranks(bad, info))
     if bad_names:
         raise SuperposeError(f"checkpoint {path}: {bad_names[0]} is damaged (its SHA-256 differs from the one "
-                             f"recorded when it was written); resume from an earlier checkpoint")
+                             f"recorded when it was written); use an earlier checkpoint")
+
+
+def check_resume_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Refuse to resume with a changed :data:`FIXED_ON_RESUME` key; ``config`` is the run's config as tables, the
+    checkpoint's own ``config.toml`` (verified) says what it was trained with."""
+    try:
+        saved = tomllib.loads((Path(path) / "config.toml").read_text()).get("optim", {})
+    except FileNotFoundError:
+        raise SuperposeError(f"checkpoint {path} is missing config.toml") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SuperposeError(f"checkpoint {path}: config.toml is corrupt: {first_line(e)}") from None
+    now = config.get("optim", {})
+    for key in FIXED_ON_RESUME:
+        if isinstance(saved, dict) and key in saved and saved[key] != now.get(key):
+            raise SuperposeError(f"--resume: optim.{key} is {now.get(key)!r} but checkpoint {path} was trained with "
+                                 f"{saved[key]!r}; a resumed run keeps the optimizer's settings: set optim.{key} = "
+                                 f"{saved[key]!r}, or start a new run from an export (model.init_from)")
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -156,15 +236,23 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def _prune(folder: Path, keep: int) -> None:
-    periodic = [p for p in list_checkpoints(folder.parent) if not read_state(p).get("keep_always")]
+    periodic = [p for p in list_checkpoints(folder.parent) if not _kept_always(p)]
     for old in periodic[:-keep]:
         shutil.rmtree(old)
+
+
+def _kept_always(path: Path) -> bool:
+    """A phase-switch or final checkpoint, or one whose state cannot be read (nothing unread is deleted)."""
+    try:
+        return bool(read_state(path).get("keep_always"))
+    except (OSError, SuperposeError):
+        return True
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
-    if (path / "state.json").is_file():
+    if is_checkpoint(path):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -197,27 +285,34 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    info: DistInfo = DistInfo()) -> dict[str, Any]:
+                    info: DistInfo = DistInfo(), verified: bool = False) -> dict[str, Any]:
     """Restore model (and optimizer) in place, whatever layout and world size wrote it; return the saved state.
 
-    Works on plain, DDP and FSDP2-sharded models alike. Missing or damaged files (checked against the recorded
-    SHA-256), shape mismatches and an optimizer state that does not cover the model are one-line errors.
+    Works on plain, DDP and FSDP2-sharded models alike. The checkpoint is verified against its manifest first
+    (``verified``: the caller did that already, e.g. export before reading its ``config.json``); shape mismatches
+    and an optimizer state that does not cover the model are one-line errors.
     """
+    path = resolve_checkpoint(path)
+    if not verified:
+        verify_checkpoint(path, info)
     return _load(path, model, optimizer, info)[0]
 
 
 def resume_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      info: DistInfo = DistInfo()) -> TrainState:
-    """:func:`load_checkpoint` for a run that continues: the train state, from the one parse of state.json that
-    also checks the optimizer state against it."""
+                      config: Mapping[str, Any], info: DistInfo = DistInfo()) -> TrainState:
+    """:func:`load_checkpoint` for a run that continues with ``config`` (its tables): verified, the update rule
+    unchanged (:func:`check_resume_config`), then the train state from the one parse of state.json that also
+    checks the optimizer state against it."""
+    path = resolve_checkpoint(path)
+    verify_checkpoint(path, info)
+    check_resume_config(path, config)
     return _load(path, model, optimizer, info)[1]
 
 
 def _load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
           info: DistInfo) -> tuple[dict[str, Any], TrainState | None]:
-    """Restore in place; the saved state as a table, and parsed as a :class:`TrainState` when an optimizer is
-    restored too (a weights-only load, e.g. for export, does not need it)."""
-    path = resolve_checkpoint(path)
+    """Restore a verified checkpoint in place; the saved state as a table, and parsed as a :class:`TrainState` when
+    an optimizer is restored too (a weights-only load, e.g. for export, does not need it)."""
     sharded = (path / "dcp").is_dir()
     needed = ["state.json"] + (["dcp/.metadata"] if sharded else ["model.safetensors"])
     if optimizer is not None and not sharded:
@@ -227,48 +322,59 @@ def _load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
             raise SuperposeError(f"checkpoint {path} is missing {name}")
     state = read_state(path)
     progress = TrainState.from_state_dict(state, f"checkpoint {path}") if optimizer is not None else None
-    verify_checkpoint(path, state, info)
     try:
         if sharded:
-            import torch.distributed.checkpoint as dcp
-
-            model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-                get_model_state_dict(model), None)
-            metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-            saved = {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
-            missing = [k for k in model_sd if k not in saved and not _tied_twin_loaded(model, k, saved)]
-            unexpected = sorted(saved - model_sd.keys())
-            if missing or unexpected:
-                raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]}")
-            model_sd = {k: v for k, v in model_sd.items() if k in saved}  # a tied head may be saved once
-            content = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-                dcp.load(content, checkpoint_id=str(path / "dcp"))
-            loose = StateDictOptions(strict=False)  # keys were checked above; a tied twin fills the head
-            if optimizer is not None:
-                _check_optimizer_covers(path, optim_sd, progress)
-                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=loose)
-            else:
-                set_model_state_dict(model, model_sd, options=loose)
+            _load_sharded(path, model, optimizer, progress)
         else:
-            weights = load_file(str(path / "model.safetensors"))
-            result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-            missing = [k for k in result.missing_keys if not _tied_twin_loaded(model, k, weights)]
-            if missing or result.unexpected_keys:
-                raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
-                                     f"unexpected {list(result.unexpected_keys)[:3]}")
-            if optimizer is not None:
-                saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-                if not isinstance(saved, dict) or not {"state", "param_groups"} <= saved.keys():
-                    raise SuperposeError(f"checkpoint {path}: optimizer.pt does not hold an optimizer state")
-                _check_optimizer_covers(path, saved, progress)
-                set_optimizer_state_dict(model, optimizer, saved, options=FULL)
+            _load_single(path, model, optimizer, progress)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, AssertionError, SafetensorError,
             pickle.UnpicklingError, CheckpointException) as e:
         raise _mismatch(path, e) from None
     return state, progress
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                  progress: TrainState | None) -> None:
+    """A ``dcp/`` checkpoint into any model, at any world size (each rank reads the pieces of its shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
+        get_model_state_dict(model), None)
+    metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
+    missing = [k for k in model_sd if k not in saved and not _tied_twin_loaded(model, k, saved)]
+    unexpected = sorted(saved - model_sd.keys())
+    if missing or unexpected:
+        raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    model_sd = {k: v for k, v in model_sd.items() if k in saved}  # a tied head may be saved once
+    content = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(content, checkpoint_id=str(path / "dcp"))
+    loose = StateDictOptions(strict=False)  # keys were checked above; a tied twin fills the head
+    if optimizer is not None:
+        _check_optimizer_covers(path, optim_sd, progress)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=loose)
+    else:
+        set_model_state_dict(model, model_sd, options=loose)
+
+
+def _load_single(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 progress: TrainState | None) -> None:
+    """``model.safetensors`` (+ ``optimizer.pt``, tensors and numbers only) into any model."""
+    weights = load_file(str(path / "model.safetensors"))
+    result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    missing = [k for k in result.missing_keys if not _tied_twin_loaded(model, k, weights)]
+    if missing or result.unexpected_keys:
+        raise SuperposeError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {list(result.unexpected_keys)[:3]}")
+    if optimizer is not None:
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or not {"state", "param_groups"} <= saved.keys():
+            raise SuperposeError(f"checkpoint {path}: optimizer.pt does not hold an optimizer state")
+        _check_optimizer_covers(path, saved, progress)
+        set_optimizer_state_dict(model, optimizer, saved, options=FULL)
 
 
 def _check_optimizer_covers(path: Path, saved: dict[str, Any], progress: TrainState | None) -> None:

@@ -2,8 +2,9 @@
 
 ``SUPERPOSE_KILL_AT=POINT:STEP`` makes the process SIGKILL itself when it reaches ``POINT`` at ``STEP``; the
 crash-safety tests use it to die mid-step, mid-checkpoint-write and right at the phase switch, deterministically.
-Points: ``step`` (after an optimizer step, before its checkpoint) and ``checkpoint`` (inside a checkpoint write,
-after the weights and before the state that completes it).
+Points: ``step`` (after an optimizer step, before its checkpoint), ``checkpoint`` (inside a checkpoint write,
+after the weights and before the optimizer state) and ``manifest`` (after every file of the checkpoint but its
+manifest, which completes it).
 """
 
 from __future__ import annotations

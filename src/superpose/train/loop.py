@@ -176,7 +176,7 @@ def _fork_source(cfg: RunConfig) -> Path | None:
     if not cfg.checkpoint.fork_from:
         return None
     source = Path(cfg.checkpoint.fork_from)
-    if not (source / "state.json").is_file():
+    if not source.is_dir():  # renamed into place complete: reading it verifies it
         raise SuperposeError(f"checkpoint.fork_from: {source} does not exist yet; start this run once the run that "
                              f"writes it has passed that step")
     return source
@@ -195,7 +195,8 @@ class Trainer:
         self.step_flops = flops_per_step(self.module.model.config, cfg.train.batch_size, cfg.train.seq_len)
         self.state = TrainState()
         if checkpoint is not None:
-            self.state = resume_checkpoint(checkpoint, self.module.model, self.module.optimizer, info)
+            self.state = resume_checkpoint(checkpoint, self.module.model, self.module.optimizer, cfg.to_dict(),
+                                           info)
         self.batches = Prefetcher(_open_loader(cfg, inputs, info, self.state.loader), device)
         self.console = Console(cfg.name, cfg.train.steps, self.state.step, progress, info.is_main)
         self.evaluator = Evaluator(self.module, inputs.val_windows, {s.name: s.weight for s in inputs.sources},
