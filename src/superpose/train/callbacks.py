@@ -10,6 +10,7 @@ each); on every other step the host runs ahead of the device.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ..data.mixture import source_counts, weighted_mean
 from ..errors import TrainingStopped
 from ..flops import mfu_both
 from .console import Console
+from .distributed import set_collective_timeout
 from .metrics import MetricsWriter
 from .state import TrainState
 from .step import Prefetcher, StepResult, TrainModule
@@ -290,3 +292,41 @@ class CheckpointCadence(Callback):
         kind = self.kind(done)
         if kind is not None:
             self.save(kind == "keep")
+
+
+class CollectiveTimeout(Callback):
+    """After the first step of the process, every collective may wait at most ``seconds``
+    (:func:`~superpose.train.distributed.set_collective_timeout`): a rank that hangs later fails the job in minutes,
+    while start-up and compilation, which may legitimately take long on one rank, keep torch's default."""
+
+    def __init__(self, seconds: int):
+        self.seconds, self._set = seconds, False
+
+    def end_step(self, done: int) -> None:
+        if not self._set:
+            set_collective_timeout(self.seconds)
+            self._set = True
+
+
+class GarbageCollection(Callback):
+    """Python's cyclic collector run by every rank at the same steps, and not automatically in between.
+
+    Left to itself, a rank collects whenever its own allocations cross a threshold, and the others then wait for it
+    at the next collective: at scale a different straggler every few steps. Collecting the young generations every
+    ``every`` steps on all ranks at once costs the same work without the stragglers (torchtitan does the same).
+    """
+
+    def __init__(self, every: int):
+        self.every, self._was_enabled = every, gc.isenabled()
+
+    def pre_train(self) -> None:
+        gc.disable()
+        gc.collect()
+
+    def end_step(self, done: int) -> None:
+        if done % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self._was_enabled:
+            gc.enable()

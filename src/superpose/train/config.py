@@ -245,6 +245,12 @@ class TrainConfig:
     """Sequences per no-grad validation forward on each rank; 0 = twice micro_batch_size (no activations are kept)."""
     profile_steps: int = 0
     """Trace this many steps (after one warm-up step) with torch.profiler into the run folder's profile/; 0 = off."""
+    collective_timeout: int = 300
+    """Seconds a collective may wait once the first step is done, so a hung rank fails the job in minutes; start-up
+    and the first step keep torch's default (10 min NCCL, 30 min gloo). 0 = torch's default throughout."""
+    gc_every: int = 50
+    """Python's garbage collection on every rank at once every N steps, automatic collection off while training (a
+    rank collecting on its own stalls every other rank at the next collective); 0 = Python's own collector."""
     stop_at: int = 0
     """End this process after this step, with a checkpoint kept forever (--resume continues); the LR and phase
     schedules still span train.steps. A planned comparison's trunk segments; 0 = run to train.steps."""
@@ -252,7 +258,8 @@ class TrainConfig:
     def validate(self, world_size: int) -> None:
         for key in ("steps", "batch_size", "seq_len", "log_every", "max_skips", "replicas"):
             _require(getattr(self, key) >= 1, f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch_size", "eval_micro_batch_size", "profile_steps", "loss_chunk"):
+        for key in ("micro_batch_size", "eval_micro_batch_size", "profile_steps", "loss_chunk", "collective_timeout",
+                    "gc_every"):
             _require(getattr(self, key) >= 0, f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _require(world_size % self.replicas == 0,
                  f"train.replicas: {self.replicas} does not divide the world size {world_size}")

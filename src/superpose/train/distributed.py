@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ContextManager
 
 import torch
@@ -24,6 +25,8 @@ from ..errors import SuperposeError
 
 _host_group: dist.ProcessGroup | None = None
 """A gloo group beside NCCL for host-side agreement (the stop flag); None: the default group is gloo already."""
+_mesh_groups: list[dist.ProcessGroup] = []
+"""The data-parallel mesh's groups, once built: :func:`set_collective_timeout` shortens their timeout too."""
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,12 @@ def shutdown() -> None:
     threads while holding the GIL, so a free still pending then deadlocks the exit; the barrier and a short pause
     with the GIL released let them finish first.
     """
-    global _host_group
+    global _host_group, _mesh_groups
     if dist.is_initialized():
         dist.barrier()
         time.sleep(0.2)
         dist.destroy_process_group()
-    _host_group = None
+    _host_group, _mesh_groups = None, []
 
 
 def barrier(info: DistInfo) -> None:
@@ -194,12 +197,32 @@ def data_parallel_mesh(device: torch.device, replicas: int) -> DeviceMesh:
     parameters are all-gathered and gradients reduce-scattered inside a node, and only the sharded gradient crosses
     nodes (an all-reduce between replicas).
     """
+    global _mesh_groups
     world = dist.get_world_size()
     if replicas < 1 or world % replicas:
         raise SuperposeError(f"train.replicas: {replicas} does not divide the world size {world}")
     if replicas == 1:
-        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    else:
+        mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    _mesh_groups = mesh.get_all_groups()
+    return mesh
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Let every collective of this job (the default group, the host group, the mesh's shard/replicate groups) wait
+    at most ``seconds``, after a barrier so no rank starts counting while another is still catching up.
+
+    Called once the first step is done: start-up, shard verification and compilation keep torch's generous default
+    (10 min NCCL, 30 min gloo), and from then on a hung rank fails the whole job in ``seconds`` instead. torch's
+    ``_set_pg_timeout`` is private but is what torchtitan uses for the same switch (torch has no public setter).
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    groups = {id(g): g for g in (dist.group.WORLD, _host_group, *_mesh_groups) if g is not None}
+    for group in groups.values():
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def shards(parallel: str) -> bool:

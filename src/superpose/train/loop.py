@@ -33,9 +33,11 @@ from ..schedule import PhaseSchedule, lr_at, rewarmup_factor
 from .callbacks import (
     Callback,
     CheckpointCadence,
+    CollectiveTimeout,
     ConsoleProgress,
     EpochLine,
     Evaluator,
+    GarbageCollection,
     MetricsLog,
     NonFinitePolicy,
     PhaseSwitchLine,
@@ -346,6 +348,8 @@ def run_callbacks(trainer: Trainer) -> list[Callback]:
         ConsoleProgress(t.console),
         CheckpointCadence(cfg.checkpoint.every, switches, total, {*cfg.checkpoint.keep_steps, cfg.train.stop_at} - {0},
                           t.checkpoint),
+        *([CollectiveTimeout(cfg.train.collective_timeout)] if cfg.train.collective_timeout else []),
+        *([GarbageCollection(cfg.train.gc_every)] if cfg.train.gc_every else []),
     ]
 
 
