@@ -15,7 +15,6 @@ from conftest import make_tiny_config, run_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from superpose.cli import main
 from superpose.errors import SuperposeError
 from superpose.export import export, is_export, load_model, load_run
 from superpose.models import build_model
