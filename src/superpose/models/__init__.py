@@ -11,7 +11,6 @@ from .build import (
     family_defaults,
     init_weights,
     materialize,
-    moe_shape,
     parameter_counts,
     router_aux_loss,
     use_autocast_experts,
@@ -27,6 +26,7 @@ from .presets import (
     get_preset,
     mlp_parameters,
     model_config,
+    moe_shape,
     resolve_head_dim,
 )
 

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from superpose.errors import SuperposeError
 
 from .configs import check_trainable
-from .presets import model_config
+from .presets import model_config, moe_shape
 
 
 CAUSAL_SDPA = "sdpa_causal"
@@ -226,14 +226,6 @@ def init_weights(model: PreTrainedModel, seed: int, std: float = 0.02) -> None:
             scale = out_std if _is_output_projection(name) else std
             for row, values in _row_blocks(param.shape, start, stop, scale, seed, name):
                 local[row - start:row - start + values.shape[0]].copy_(values)
-
-
-def moe_shape(config: PretrainedConfig) -> tuple[int, int]:
-    """(routed experts, experts per token) of a mixture-of-experts config, whatever the family calls them
-    (``num_experts``: Qwen-MoE, OLMoE; ``num_local_experts``: Mixtral; ``n_routed_experts``: DeepSeek); (0, 0) dense."""
-    experts = next((int(v) for name in ("num_experts", "num_local_experts", "n_routed_experts")
-                    if (v := getattr(config, name, None))), 0)
-    return (experts, int(config.num_experts_per_tok)) if experts else (0, 0)
 
 
 def router_aux_loss(lm: PreTrainedModel, outputs: ModelOutput) -> torch.Tensor | None:

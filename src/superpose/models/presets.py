@@ -296,12 +296,18 @@ def _check_heads(shape: Preset | PretrainedConfig, origin: ShapeOrigin) -> None:
                              f"{kv_heads}")
 
 
+def moe_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(routed experts, experts per token) of a mixture-of-experts config, whatever the family calls them
+    (``num_experts``: Qwen-MoE, OLMoE; ``num_local_experts``: Mixtral; ``n_routed_experts``: DeepSeek); (0, 0) dense."""
+    experts = next((int(v) for name in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if (v := getattr(config, name, None))), 0)
+    return (experts, int(config.num_experts_per_tok)) if experts else (0, 0)
+
+
 def _check_experts(shape: Preset | PretrainedConfig, origin: ShapeOrigin) -> None:
     """Experts run as grouped matmuls, which need 16-byte-aligned rows: widths a multiple of 8 (bf16). An expert's
     width is ``moe_intermediate_size`` where the family has one (Qwen-MoE, DeepSeek), else ``intermediate_size``
     (Mixtral, OLMoE)."""
-    from .build import moe_shape  # build imports this module
-
     experts, top_k = moe_shape(shape)[0], getattr(shape, "num_experts_per_tok", None) or 0
     if not (experts or isinstance(shape, Preset) and shape.family == "qwen3_moe"):
         return
