@@ -88,6 +88,65 @@ def _set_finish_steps(jobs: list[dict[str, Any]]) -> int:
     return max(finish.values())
 
 
+_RUN_LOCAL_FUNCTIONS = r"""superpose=${SUPERPOSE:-superpose}
+at_once=1
+while getopts j: opt; do
+    case $opt in
+        j) at_once=$OPTARG ;;
+        *) echo "usage: $0 [-j N]" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$plan/logs"
+declare -A pid rc
+failed=0
+
+running() {
+    local n=0 p
+    for p in "${pid[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+    echo "$n"
+}
+
+ended() {  # JOB: wait for it to end (once); its exit status
+    [ -n "${rc[$1]:-}" ] || { wait "${pid[$1]}"; rc[$1]=$?; }
+    return "${rc[$1]}"
+}
+
+start() {  # JOB CONFIG AFTER FORK_FROM
+    local job=$1 config=$2 after=$3 source=$4
+    if [ -z "$source" ] && [ -n "$after" ] && ! { [ -n "${pid[$after]:-}" ] && ended "$after"; }; then
+        echo "$job: not started: $after did not finish" >&2
+        failed=1
+        return
+    fi
+    if [ -n "$source" ]; then
+        until [ -f "$source/state.json" ]; do
+            if [ -z "${pid[$after]:-}" ] || ! kill -0 "${pid[$after]}" 2>/dev/null; then
+                [ -f "$source/state.json" ] && break
+                echo "$job: not started: $after ended without writing $source" >&2
+                failed=1
+                return
+            fi
+            sleep 1
+        done
+    fi
+    while [ "$(running)" -ge "$at_once" ]; do sleep 1; done
+    echo "start $job"
+    $superpose train "$config" --resume --quiet >>"$plan/logs/${job//\//_}.log" 2>&1 &
+    pid[$job]=$!
+}
+
+"""
+"""run_local.sh after its header: the options, and `start JOB CONFIG AFTER FORK_FROM`, which waits for what the job
+needs and then starts it in the background."""
+
+_RUN_LOCAL_END = r"""
+for job in "${!pid[@]}"; do
+    if ! ended "$job"; then echo "$job failed: see $plan/logs/" >&2; failed=1; fi
+done
+exit $failed
+"""
+
+
 def _run_local(plan: dict[str, Any]) -> str:
     starts = "\n".join(f"start {_sh(j['id'])} {_sh(j['config'])} {_sh(j['after'])} {_sh(j['fork_from'])}"
                        for j in _in_launch_order(plan))
@@ -100,59 +159,7 @@ def _run_local(plan: dict[str, Any]) -> str:
 set -u
 plan={_sh(plan['dir'])}
 cd {_sh(plan['workdir'])} || exit 2
-superpose=${{SUPERPOSE:-superpose}}
-at_once=1
-while getopts j: opt; do
-    case $opt in
-        j) at_once=$OPTARG ;;
-        *) echo "usage: $0 [-j N]" >&2; exit 2 ;;
-    esac
-done
-mkdir -p "$plan/logs"
-declare -A pid rc
-failed=0
-
-running() {{
-    local n=0 p
-    for p in "${{pid[@]}}"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
-    echo "$n"
-}}
-
-ended() {{  # JOB: wait for it to end (once); its exit status
-    [ -n "${{rc[$1]:-}}" ] || {{ wait "${{pid[$1]}}"; rc[$1]=$?; }}
-    return "${{rc[$1]}}"
-}}
-
-start() {{  # JOB CONFIG AFTER FORK_FROM
-    local job=$1 config=$2 after=$3 source=$4
-    if [ -z "$source" ] && [ -n "$after" ] && ! {{ [ -n "${{pid[$after]:-}}" ] && ended "$after"; }}; then
-        echo "$job: not started: $after did not finish" >&2
-        failed=1
-        return
-    fi
-    if [ -n "$source" ]; then
-        until [ -f "$source/state.json" ]; do
-            if [ -z "${{pid[$after]:-}}" ] || ! kill -0 "${{pid[$after]}}" 2>/dev/null; then
-                [ -f "$source/state.json" ] && break
-                echo "$job: not started: $after ended without writing $source" >&2
-                failed=1
-                return
-            fi
-            sleep 1
-        done
-    fi
-    while [ "$(running)" -ge "$at_once" ]; do sleep 1; done
-    echo "start $job"
-    $superpose train "$config" --resume --quiet >>"$plan/logs/${{job//\\//_}}.log" 2>&1 &
-    pid[$job]=$!
-}}
-
-{starts}
-for job in "${{!pid[@]}}"; do
-    if ! ended "$job"; then echo "$job failed: see $plan/logs/" >&2; failed=1; fi
-done
-exit $failed
-"""
+""" + _RUN_LOCAL_FUNCTIONS + starts + _RUN_LOCAL_END
 
 
 def _torchrun(plan: dict[str, Any]) -> str:
