@@ -217,6 +217,7 @@ def _drop_work_files(work: Path) -> None:
     for name in (ARGUMENTS_FILE, READ_FILE, CACHE_FILE, OFFSETS_FILE, PARTS_FILE, PARTS_INDEX, ChecksumLog.NAME,
                  ".lock"):
         (work / name).unlink(missing_ok=True)
+    shutil.rmtree(work / "parts", ignore_errors=True)  # a folder continued from the one-file-per-chunk layout
 
 
 def _check_arguments(sources: list[str], tokenizer: str | None, vocab_size: int, val_fraction: float,
