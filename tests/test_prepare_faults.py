@@ -268,16 +268,27 @@ def test_null_id_in_a_parquet_column_is_one_line_and_leaves_no_work_folder(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.parquet", "tok.json"]
 
 
-def test_a_work_folder_of_the_old_layout_leaves_nothing_in_the_output(tmp_path):
-    """A folder killed under the one-file-per-chunk layout (parts/NNN.npz) is continued with parts.bin: its old
+def test_a_work_folder_of_the_old_layout_leaves_nothing_in_the_output(tmp_path, monkeypatch):
+    """A folder killed under the one-file-per-chunk layout (parts/NNNNNN.npz) is continued with parts.bin: its old
     parts are not read, and none of them ends up in the finished dataset."""
+    import superpose.data.prepare as prepare_module
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(6):
         (corpus / f"d{i}.txt").write_text(f"document {i} " * 200)
+    args = dict(vocab_size=300, progress=False, say=lambda line: None)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for a kill after the read, before any chunk is encoded
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module, "_encode", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare([str(corpus)], tmp_path / "data", **args)
     work = tmp_path / ".prepare-data"
-    (work / "parts").mkdir(parents=True)
+    assert (work / "arguments.json").is_file()
+    (work / "parts").mkdir()
     (work / "parts" / "000000.npz").write_bytes(b"stale")
-    out = prepare([str(corpus)], tmp_path / "data", vocab_size=300, progress=False, say=lambda line: None)
-    assert not (out / "parts").exists()
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
+    out = prepare([str(corpus)], tmp_path / "data", **args)
+    assert [p.name for p in out.iterdir() if p.is_dir()] == []
