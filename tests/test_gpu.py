@@ -160,6 +160,24 @@ def test_fused_loss_matches_full_logits_on_cuda(cuda, bag):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_fused_loss_head_gradient_accumulates_in_fp32_on_cuda(cuda):
+    """Under bf16 autocast the head gradient of every chunk after the first goes through
+    ``addmm(grad_w, dz.T, h, out_dtype=float32, out=grad_w)`` (fp32 ``self``): the op runs on this GPU's torch, the
+    gradient is fp32, and it is the fp32 product of the bf16 chunk values (only ``dz``'s own bf16 rounding apart)."""
+    g = torch.Generator(device=cuda).manual_seed(3)
+    hidden = torch.randn(2, 96, 256, device=cuda, generator=g).bfloat16().requires_grad_()
+    weight = (0.02 * torch.randn(VOCAB, 256, device=cuda, generator=g)).requires_grad_()
+    targets = torch.randint(0, VOCAB, (2, 96, 4), device=cuda, generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = chunked_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=48)  # 4 chunks
+    (grad,) = torch.autograd.grad(fused, (weight,))
+    rounded = weight.detach().bfloat16().float().requires_grad_()
+    full = method.multi_hot_cross_entropy(hidden.detach().float() @ rounded.T, targets)
+    (reference,) = torch.autograd.grad(full, (rounded,))
+    assert grad.dtype == torch.float32
+    assert ((grad - reference).norm() / reference.norm()).item() < 1e-2
+
+
 def test_eval_matches_the_cpu_within_bf16(cuda):
     windows = torch.randint(0, VOCAB, (10, 65), generator=torch.Generator().manual_seed(7))
     on_gpu = make_module(cuda).eval_loss(windows.to(cuda))
