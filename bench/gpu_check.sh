@@ -10,7 +10,9 @@
 # Exit status: 2 when no GPU is usable (one line says why), 1 when a stage failed or ran past its time limit, 0
 # otherwise; a stage skipped because the budget is spent is reported in summary.json, not failed.
 # Environment: VENV (the environment, default .venv), PYTHON (the interpreter that makes it, default python3), BUDGET
-# (seconds for the stages after the install; default 540 on a GPU, 900 for the rehearsal).
+# (seconds for the stages after the install; default 540 on a GPU, 900 for the rehearsal). On a machine that already
+# has CUDA PyTorch and no network, point VENV at that environment (e.g. VENV=/opt/torch/.venv): nothing is installed,
+# superpose runs from src/, and a package it lacks is named before any stage starts (carry it as a wheel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
@@ -56,6 +58,19 @@ if why:
     sys.exit(2)
 PY
 fi
+
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's superpose, installed or not
+"$PY" - <<'PY' || exit 2
+import importlib.util
+import sys
+need = ["superpose", "torch", "transformers", "tokenizers", "datasets", "safetensors", "tomli_w", "numpy", "pyarrow",
+        "tensorboard", "matplotlib", "pytest", "hypothesis", "tqdm"]
+missing = [name for name in need if importlib.util.find_spec(name) is None]
+if missing:
+    print(f"gpu_check: error: {sys.executable} lacks {', '.join(missing)} (pip install -e '.[dev,bench]' there, or "
+          f"carry wheels on a machine without a network)", file=sys.stderr)
+    sys.exit(2)
+PY
 
 if [ "$MODE" = gpu ]; then
     BUDGET=${BUDGET:-540}
