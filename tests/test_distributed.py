@@ -30,6 +30,7 @@ from superpose.train.distributed import DistInfo, init_distributed, shutdown
 from superpose.train.loop import train
 from superpose.train.metrics import read_metrics
 from superpose.train.step import TrainModule
+from test_gpu_path import block_units, fsdp_units
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +80,18 @@ def test_two_ranks_match_one_process(runs, parallel):
     assert max((sharded[k] - plain[k]).abs().max().item() for k in plain) < 1e-4
 
 
+UNTIED = {"preset": "tiny", "overrides": {"tie_word_embeddings": False}}
+
+
 def test_dcp_resume_and_resume_on_one_rank(runs):
+    """Untied embeddings, so the embeddings and the final norm with the head are units of their own: a unit holds
+    its parameters under their model names, and a checkpoint resumes with and without FSDP."""
     config, reference = runs
-    cfg, path = config("fsdp-resume", train={"parallel": "fsdp"})
+    cfg, path = config("fsdp-resume", model=UNTIED, train={"parallel": "fsdp"})
     torchrun(path)
     full = rows(cfg.run_dir)
     # 2 ranks -> 1 process, from the phase-switch checkpoint
-    solo, _ = config("solo")
+    solo, _ = config("solo", model=UNTIED)
     train(solo, resume=cfg.run_dir / "checkpoints" / "step-0000006", progress=False)
     assert_same_losses(rows(solo.run_dir), [r for r in full if r["step"] > 6])
     # 2 ranks -> 2 ranks, as after a crash past step 4
@@ -204,11 +210,11 @@ def replica_all_reduces(info, replicas):
         dist.all_reduce = real
 
 
-def train_scenario(info, **train):
-    """Init weights, three steps (recording gradient bytes between micro-batches and, under HSDP, cross-replica
-    all-reduces per step), one distributed eval."""
-    module = TrainModule(module_config(world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
-    out = {"init": full_weights(module), "losses": [], "held": [],
+def train_scenario(info, model=None, **train):
+    """Init weights, three steps (recording gradient bytes between micro-batches, the shapes of the table the bag
+    mean reads and, under HSDP, cross-replica all-reduces per step), final weights, one distributed eval."""
+    module = TrainModule(module_config(model, world_size=info.world_size, **train), VOCAB, torch.device("cpu"), info)
+    out = {"init": full_weights(module), "losses": [], "held": [], "tables": set(),
            "full_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters())}
     local = BATCH // info.world_size
     rows = slice(info.rank * local, (info.rank + 1) * local)
@@ -220,14 +226,22 @@ def train_scenario(info, **train):
         forwards[0] += 1
         return TrainModule.loss(module, *args)
 
-    module.loss = loss
-    with replica_all_reduces(info, train.get("replicas", 1)) as out["replica_all_reduces"]:
-        for step, bag in enumerate(BAGS):
-            out["replica_all_reduces"].append(0)
-            result = module.train_step(global_window(step, bag)[rows], bag, 1e-3)
-            out["losses"].append(result.to_host())
-    del module.loss
-    out["units"] = len(fsdp_groups(module)) if module.sharded else 0
+    def bag_means(weight, *args):
+        out["tables"].add(tuple(weight.shape))
+        return real_bag_means(weight, *args)
+
+    module.loss, real_bag_means, method.bag_means = loss, method.bag_means, bag_means
+    try:
+        with replica_all_reduces(info, train.get("replicas", 1)) as out["replica_all_reduces"]:
+            for step, bag in enumerate(BAGS):
+                out["replica_all_reduces"].append(0)
+                result = module.train_step(global_window(step, bag)[rows], bag, 1e-3)
+                out["losses"].append(result.to_host())
+    finally:
+        del module.loss
+        method.bag_means = real_bag_means
+    out["units"] = fsdp_units(module) if module.sharded else []
+    out["final"] = full_weights(module)
     out["eval"] = module.eval_loss(validation())
     return out
 
@@ -284,9 +298,14 @@ def assert_same_run(ranks, reference):
         for got, want in zip(rank["losses"], reference["losses"], strict=True):
             assert got.keys() == want.keys()
             assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
-    init = ranks[0]["init"]
-    assert init.keys() == reference["init"].keys()
+    init, final = ranks[0]["init"], ranks[0]["final"]
+    assert init.keys() == reference["init"].keys() == final.keys()
     assert all(torch.equal(init[k], reference["init"][k]) for k in init)
+    # Adam divides each gradient by its own size, so a weight whose gradient is near zero (an embedding row of a
+    # token one rank saw once) takes a step sensitive to summation order: up to 1.2e-5 here, where a wrong
+    # reduction would be off by up to the learning rate (1e-3 a step)
+    for name, value in reference["final"].items():
+        torch.testing.assert_close(final[name], value, atol=5e-5, rtol=0)
 
 
 def test_fsdp_shards_init_gradients_and_eval(one_process, tmp_path):
@@ -306,7 +325,22 @@ def test_hsdp_two_by_two_matches_one_process(one_process, tmp_path):
     assert all(0.45 * r["full_bytes"] < max(r["held"]) < 0.55 * r["full_bytes"] for r in ranks)
     # 2 micro-batches a step: the replicas all-reduce once per unit and step (4 blocks and the root), not per
     # micro-batch
-    assert all(r["units"] == 5 and r["replica_all_reduces"] == [5] * len(BAGS) for r in ranks)
+    assert all(len(r["units"]) == 5 and r["replica_all_reduces"] == [5] * len(BAGS) for r in ranks)
+
+
+@pytest.mark.parametrize(("world", "replicas"), [(2, 1), (4, 2)])
+def test_fsdp_gives_untied_embeddings_and_head_units_of_their_own(tmp_path, world, replicas):
+    """FSDP on 2 ranks and HSDP on 2 x 2, untied: a unit for the embeddings (gathered in full for the bag mean), one
+    per block, one for the final norm with the head, and nothing left in the root; the same run as one process,
+    final weights included, and under HSDP one cross-replica all-reduce per unit and step."""
+    ranks = spawn(world, tmp_path, parallel="fsdp", replicas=replicas, micro_batch_size=1, model=UNTIED)
+    assert_same_run(ranks, train_scenario(DistInfo(), model=UNTIED, micro_batch_size=1))
+    table = tuple(ranks[0]["final"]["model.embed_tokens.weight"].shape)  # [V, d]: rank 0 holds the full state dict
+    for rank in ranks:
+        head = {"model.norm.weight", "lm_head.weight"}
+        assert rank["units"] == [set(), {"model.embed_tokens.weight"}, *block_units(4), head]
+        assert rank["tables"] == {table}  # the whole table, not this rank's shard
+        assert rank["replica_all_reduces"] == [6 if replicas > 1 else 0] * len(BAGS)
 
 
 def test_ddp_matches_one_process(one_process, tmp_path):

@@ -27,9 +27,9 @@ from superpose.train.step import TrainModule
 VOCAB = 512
 
 
-def make_module(preset: str = "tiny", overrides: dict | None = None, **train) -> TrainModule:
+def make_module(preset: str = "tiny", overrides: dict | None = None, tst: dict | None = None, **train) -> TrainModule:
     model = {"preset": preset, **({"overrides": overrides} if overrides else {})}
-    cfg = config_from_dict({"model": model, "tst": {"bag": 4},
+    cfg = config_from_dict({"model": model, "tst": {"bag": 4, **(tst or {})},
                             "train": {"batch_size": 4, "seq_len": 16, "device": "cpu", "micro_batch_size": 2, **train}})
     return TrainModule(cfg, VOCAB, torch.device("cpu"))
 
@@ -153,13 +153,14 @@ def test_moe_experts_run_bf16_grouped_mm_under_autocast(monkeypatch):
 
 
 def fsdp_units(module: TrainModule) -> list[set[str]]:
-    """The parameter names each FSDP unit holds, root first."""
+    """The parameter names each FSDP unit holds: the root's first (empty when it holds none), then the others'."""
     names = {id(p): n for n, p in module.model.named_parameters()}
     units = []
     for m in module.objective.modules():
         state = m._get_fsdp_state() if isinstance(m, FSDPModule) else None
-        if state is not None and state._fsdp_param_group is not None and state._modules[0] is m:
-            units.append({names[id(fp.sharded_param)] for fp in state._fsdp_param_group.fsdp_params})
+        if state is not None and state._modules[0] is m and (m is module.objective or state._fsdp_param_group):
+            group = state._fsdp_param_group
+            units.append({names[id(fp.sharded_param)] for fp in group.fsdp_params} if group else set())
     return units
 
 
@@ -171,18 +172,21 @@ def block_units(layers: int) -> list[set[str]]:
             for i in range(layers)]
 
 
-@pytest.mark.parametrize("loss_chunk", [0, 8])
-def test_fsdp_units_as_torchtitan_lays_them_out(one_rank_group, loss_chunk):
-    """Untied: the root holds the embeddings, each block is a unit, and the final norm with the head is one (the
-    fused loss never calls the head: the norm's forward gathers it). The first steps are those of one process."""
-    untied = {"tie_word_embeddings": False}
-    module = make_module(overrides=untied, loss_chunk=loss_chunk)
+UNTIED = {"tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize(("loss_chunk", "rescale"), [(0, False), (8, False), (0, True)])
+def test_fsdp_units_as_torchtitan_lays_them_out(one_rank_group, loss_chunk, rescale):
+    """Untied: the embeddings are a unit, each block is one, the final norm with the head is one (the fused loss
+    never calls the head: the norm's forward gathers it), and the root holds nothing. The first steps are those of
+    one process, the rescaled bag mean too (its backward reads the table, so that unit gathers it for backward)."""
+    module = make_module(overrides=UNTIED, tst={"rescale_mean": rescale}, loss_chunk=loss_chunk)
     head = {"model.norm.weight", "lm_head.weight"}
-    assert fsdp_units(module) == [{"model.embed_tokens.weight"}, *block_units(4), head]
+    assert fsdp_units(module) == [set(), {"model.embed_tokens.weight"}, *block_units(4), head]
     steps = [module.train_step(window(bag, i), bag, 1e-3).to_host() for i, bag in enumerate((4, 1))]
     weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True))
     shutdown()
-    plain = make_module(overrides=untied, loss_chunk=loss_chunk)
+    plain = make_module(overrides=UNTIED, tst={"rescale_mean": rescale}, loss_chunk=loss_chunk)
     for i, (bag, got) in enumerate(zip((4, 1), steps)):
         want = plain.train_step(window(bag, i), bag, 1e-3).to_host()
         assert all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
@@ -195,6 +199,64 @@ def test_tied_embeddings_keep_embeddings_norm_and_head_in_the_root(one_rank_grou
     module = make_module()  # tiny ties its head to the embeddings: one weight, one unit
     assert fsdp_units(module) == [{"model.embed_tokens.weight", "model.norm.weight"}, *block_units(4)]
     assert module.model.lm_head.weight is module.model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_the_embedding_unit_holds_the_table_for_the_bag_mean_alone(one_rank_group, monkeypatch, rescale):
+    """Per micro-batch: the table is gathered as the bag mean starts and freed when it returns (the first block
+    sees the shard again), gathered again for backward only when backward reads it (the rescaled mean), and its
+    gradient is reduce-scattered once, after every other unit's, before the next micro-batch's forward."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.tensor import DTensor
+
+    module = make_module(overrides=UNTIED, tst={"rescale_mean": rescale})
+    table = module.model.get_input_embeddings()
+    events = []
+
+    def bag_means(weight, bags, rescale):
+        events.append("bag mean over the full table" if type(weight) is torch.nn.Parameter else "bag mean, sharded")
+        return real_bag_means(weight, bags, rescale)
+
+    def to_unsharded(fsdp_param):
+        if fsdp_param.sharded_param is table.weight:
+            events.append("table gathered")
+        return real_to_unsharded(fsdp_param)
+
+    def post_backward(group, *args):
+        events.append(f"reduce-scatter {group._module_fqn.removeprefix('lm.model.')}")
+        return real_post_backward(group, *args)
+
+    real_bag_means, real_to_unsharded, real_post_backward = (method.bag_means, FSDPParam.to_unsharded,
+                                                             FSDPParamGroup.post_backward)
+    monkeypatch.setattr(method, "bag_means", bag_means)
+    monkeypatch.setattr(FSDPParam, "to_unsharded", to_unsharded)
+    monkeypatch.setattr(FSDPParamGroup, "post_backward", post_backward)
+    module.model.model.layers[0].register_forward_pre_hook(
+        lambda *_: events.append("block 0, table " + ("sharded" if isinstance(table.weight, DTensor) else "held")))
+    module.train_step(window(4), 4, 1e-3)
+    backward = ["reduce-scatter norm, lm.lm_head", *(f"reduce-scatter layers.{i}" for i in (3, 2, 1, 0)),
+                *(["table gathered"] if rescale else []), "reduce-scatter embed_tokens"]
+    micro_batch = ["table gathered", "bag mean over the full table", "block 0, table sharded", *backward]
+    assert events == micro_batch * 2
+
+
+def test_gemma_scales_the_bag_means_its_embedding_unit_returns(one_rank_group, tmp_path):
+    """Gemma scales lookups (by sqrt(d)) inside its embedding's forward, which the objective never calls: the inputs
+    the objective builds at bag 1 are still the module's own lookups, its table in a unit of its own."""
+    from test_families import write_config
+
+    path = write_config(tmp_path, "gemma3_text", sliding_window=8, query_pre_attn_scalar=8, tie_word_embeddings=False)
+    cfg = config_from_dict({"model": {"config": str(path)}, "tst": {"bag": 4},
+                            "train": {"batch_size": 4, "seq_len": 16, "device": "cpu", "micro_batch_size": 2}})
+    module = TrainModule(cfg, 1024, torch.device("cpu"))
+    assert fsdp_units(module)[1] == {"model.embed_tokens.weight"}
+    module.train_step(window(4), 4, 1e-3)  # the root's first forward (FSDP2's lazy init)
+    embedding, ids = module.model.get_input_embeddings(), window(1)[:, :16]
+    with torch.no_grad():
+        ours, own = module.objective.embed(ids, 1), embedding(ids)
+    assert embedding.embed_scale.item() == pytest.approx(32**0.5)  # the hidden size of test_families.SHAPE
+    torch.testing.assert_close(ours, own, atol=0, rtol=0)
 
 
 @pytest.fixture

@@ -37,28 +37,32 @@ def _check_mode(mode: str) -> None:
 def superpose_embeddings(
     embedding: torch.nn.Embedding | torch.Tensor, token_ids: torch.Tensor, bag: int, rescale: bool = False
 ) -> torch.Tensor:
-    """Mean of the ``bag`` token embeddings of each bag: ids ``[B, L*bag]`` -> ``[B, L, d]``.
-
-    Uses ``embedding_bag`` so the ``[B, L*bag, d]`` per-token embeddings are never materialised; with ``bag = 1`` the
-    result equals a plain embedding lookup bit for bit.
-
-    ``rescale`` (an option, off in the paper's recipe): averaging nearly orthogonal vectors shrinks the norm by about
-    ``sqrt(bag)``, so phase-1 inputs live at a smaller scale than phase-2 tokens; rescaling each mean to the mean norm
-    of its bag's embeddings keeps the scale the transformer sees the same across the switch.
-    """
+    """Mean of the ``bag`` token embeddings of each bag: ids ``[B, L*bag]`` -> ``[B, L, d]`` (:func:`bag_means`)."""
     _check_bag(bag)
     weight = embedding.weight if isinstance(embedding, torch.nn.Embedding) else embedding
     batch, length = token_ids.shape
     if length % bag:
         raise ValueError(f"sequence of {length} tokens is not a whole number of bags of {bag}")
-    if bag == 1:
-        return F.embedding(token_ids, weight)
-    bags = token_ids.reshape(-1, bag)
+    return bag_means(weight, token_ids.reshape(-1, bag), rescale).view(batch, length // bag, weight.shape[1])
+
+
+def bag_means(weight: torch.Tensor, bags: torch.Tensor, rescale: bool = False) -> torch.Tensor:
+    """Mean embedding of each row of ``bags``: ids ``[N, bag]`` -> ``[N, d]``, a new tensor (not a view).
+
+    Uses ``embedding_bag`` so the ``[N, bag, d]`` per-token embeddings are never materialised; with one token per
+    row the result equals a plain embedding lookup bit for bit.
+
+    ``rescale`` (an option, off in the paper's recipe): averaging nearly orthogonal vectors shrinks the norm by about
+    ``sqrt(bag)``, so phase-1 inputs live at a smaller scale than phase-2 tokens; rescaling each mean to the mean norm
+    of its bag's embeddings keeps the scale the transformer sees the same across the switch.
+    """
+    if bags.shape[1] == 1:
+        return F.embedding(bags[:, 0], weight)
     pooled = F.embedding_bag(bags, weight, mode="mean")
     if rescale:
-        target = F.embedding_bag(bags, weight.norm(dim=-1, keepdim=True), mode="mean")  # [B*L, 1]
+        target = F.embedding_bag(bags, weight.norm(dim=-1, keepdim=True), mode="mean")  # [N, 1]
         pooled = pooled * (target / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    return pooled.view(batch, length // bag, weight.shape[1])
+    return pooled
 
 
 def target_weights(bag: int, weighting: str = "uniform", alpha: float = 1.0) -> torch.Tensor | None:
@@ -148,8 +152,14 @@ def embed_inputs(
     rescale: bool = False,
 ) -> torch.Tensor:
     """Input embeddings ``[B, L, d]`` for the objective: bag means, or plain token embeddings for ``output``."""
+    return superpose_embeddings(embedding, input_ids, input_bag(bag, mode), rescale)
+
+
+def input_bag(bag: int, mode: Mode = "both") -> int:
+    """Tokens averaged into one input position: the bag, or 1 in ``output`` mode (token inputs)."""
+    _check_bag(bag)
     _check_mode(mode)
-    return superpose_embeddings(embedding, input_ids, 1 if mode == "output" else bag, rescale)
+    return 1 if mode == "output" else bag
 
 
 def tst_loss(

@@ -1,8 +1,9 @@
 """PyTorch's own distributed stack, set up from torchrun's environment: FSDP2, HSDP or DDP, gloo on CPU, NCCL on GPU.
 
 Nothing here is TST-specific: the objective module (model + bag mean + multi-hot loss) is wrapped like any model,
-so the bag mean runs inside the wrapped forward where FSDP2 has the embedding unsharded. The model arrives here as a
-meta-device shell: FSDP2 shards the shell, and each rank then allocates and initialises only its shard.
+and the methods it calls on the embedding module in place of its forward run under that module's FSDP2 hooks. The
+model arrives here as a meta-device shell: FSDP2 shards the shell, and each rank then allocates and initialises only
+its shard.
 """
 
 from __future__ import annotations
@@ -230,17 +231,23 @@ def shards(parallel: str) -> bool:
     return parallel == "fsdp" and dist.is_initialized()
 
 
+def _tied(lm: torch.nn.Module) -> bool:
+    """Whether the LM head is the input embedding table (or absent): one weight, one unit, the root's."""
+    head = lm.get_output_embeddings()
+    return head is None or head.weight is lm.get_input_embeddings().weight
+
+
 def head_unit(lm: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of the FSDP unit that holds the LM head: the head, with every module outside the blocks and the
     input embeddings that owns parameters (the final norm in Llama-like families); empty when the root keeps them.
 
-    The root keeps them with tied embeddings (one weight belongs to one unit, and the bag mean reads it first thing)
-    and when no such module exists: the fused loss reads ``head.weight`` without calling the head, so the unit's
-    all-gather must be started by a module that runs before the loss does (the final norm).
+    The root keeps them with tied embeddings and when no such module exists: the fused loss reads ``head.weight``
+    without calling the head, so the unit's all-gather must be started by a module that runs before the loss does
+    (the final norm).
     """
-    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    if head is None or head.weight is embedding.weight:
+    if _tied(lm):
         return []
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     taken = {id(m) for block in decoder_layers(lm) for m in block.modules()} | {id(embedding), id(head)}
     rest = [m for m in lm.modules() if id(m) not in taken and next(m.parameters(recurse=False), None) is not None]
     return [*rest, head] if rest else []
@@ -251,20 +258,31 @@ def apply_parallelism(objective: torch.nn.Module, lm: torch.nn.Module, parallel:
     """Wrap for data parallelism; a no-op on one process without a process group.
 
     ``fsdp``: FSDP2 over :func:`data_parallel_mesh` (HSDP when ``replicas > 1``), as torchtitan lays it out: a unit
-    per block, one for the final norm and the head (:func:`head_unit`; not resharded after forward, since backward
-    needs them at once), and the root (the objective) for the input embeddings. The head's unit is all-gathered
-    when the final norm runs, while the last blocks compute, and reduce-scattered as backward leaves it, instead of
-    at the start of the forward and exposed at the end of the backward as a root unit would be. The embeddings stay
-    with the root: the bag mean reads their weight directly (``embedding_bag``), not through the module's forward,
-    so only the root's all-gather precedes it. It runs on a meta-device shell, and with a one-rank group too (bf16
-    compute with fp32 master weights on one GPU). ``ddp``: DistributedDataParallel over materialised weights.
+    for the input embeddings, one per block, one for the final norm and the head (:func:`head_unit`; not resharded
+    after forward, since backward needs them at once), and the root (the objective) for what is left (nothing in
+    Llama-like families). The embedding table is gathered for the bag mean and freed after it, instead of held by
+    the root through forward and backward, and not gathered again for backward unless the objective's backward
+    reads it (``objective.embedding_backward_reads_weight``: a lookup's gradient needs only the ids). The objective
+    reads the table in methods of the embedding module, not its forward (``objective.embedding_methods``), which are
+    registered as forwards so FSDP2 gathers the table around them. The ids need no gradient, so FSDP2 reduce-scatters
+    the table's gradient in the root's final callback, right after the table's backward, the last of the step. The
+    head's unit is all-gathered when the final norm runs, while the last blocks compute, and reduce-scattered as
+    backward leaves it, instead of at the start of the forward and exposed at the end of the backward as a root unit
+    would be. Tied embeddings stay with the root, with the final norm. It runs on a meta-device shell, and with a
+    one-rank group too (bf16 compute with fp32 master weights on one GPU). ``ddp``: DistributedDataParallel over
+    materialised weights.
     """
     if shards(parallel):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = data_parallel_mesh(device, replicas)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
+        if not _tied(lm):
+            embedding = fully_shard(lm.get_input_embeddings(), mesh=mesh, mp_policy=mp)
+            for name in getattr(objective, "embedding_methods", ()):
+                register_fsdp_forward_method(embedding, name)
+            embedding.set_unshard_in_backward(getattr(objective, "embedding_backward_reads_weight", True))
         for block in decoder_layers(lm):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         if last := head_unit(lm):

@@ -1,11 +1,13 @@
 """The TST objective as one module: a causal LM, the bag mean and the multi-hot loss, windows in, loss out.
 
 A distributed wrapper (FSDP2, DDP) wraps this module, so the bag mean and the loss run inside its forward, and the
-trainer and ``TSTTrainer`` score a batch through the same code.
+trainer and ``TSTTrainer`` score a batch through the same code. The bag mean is a method of the input embedding
+module (:data:`BAG_MEANS`), so a wrapper that gives the embeddings a unit of their own can run its hooks around it.
 """
 
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 import torch
@@ -32,6 +34,21 @@ def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Te
     return torch.stack(loads)
 
 
+BAG_MEANS = "superpose_bag_means"
+"""The name of the bag-mean method :class:`LMObjective` gives the model's input embedding module."""
+
+
+def superpose_bag_means(embedding: torch.nn.Module, bags: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """The embedding module's :data:`BAG_MEANS` method: ids ``[N, bag]`` -> means ``[N, d]`` of its weight.
+
+    The objective never calls the module's forward (the bag mean reads the table with ``embedding_bag``), so a
+    wrapper that shards the table must treat this method as a forward: FSDP2's ``register_fsdp_forward_method``
+    gathers the table on entry and frees it on return. It returns rows, not the ``[B, L, d]`` view of them: hooks
+    on a view's gradient are lost to in-place ops, and FSDP2 warns about a unit returning one.
+    """
+    return method.bag_means(embedding.weight, bags, rescale)
+
+
 class Objective(NamedTuple):
     """One micro-batch's objective: the TST loss, and for MoE models the router loss and expert load."""
 
@@ -50,6 +67,10 @@ class LMObjective(torch.nn.Module):
     (:meth:`from_config`); ``TSTTrainer`` passes its own.
     """
 
+    embedding_methods: tuple[str, ...] = (BAG_MEANS,)
+    """Methods of the input embedding module the objective calls in place of its forward (a wrapper that gives the
+    embeddings a unit of their own runs its forward hooks around them)."""
+
     def __init__(self, lm: torch.nn.Module, *, rescale_mean: bool = False, weighting: str = "uniform",
                  alpha: float = 1.0, loss_chunk: int = 0, compile_loss: bool = False):
         super().__init__()
@@ -61,6 +82,15 @@ class LMObjective(torch.nn.Module):
         self.num_experts, self.top_k = moe_shape(lm.config)
         self.aux_coef = float(getattr(lm.config, "router_aux_loss_coef", 0.0) or 0.0)
         """Weight of the MoE router loss (:attr:`Objective.aux`) in the loss to minimise."""
+        embedding = lm.get_input_embeddings()
+        if not hasattr(embedding, BAG_MEANS):  # a second objective over the model keeps a wrapped one
+            setattr(embedding, BAG_MEANS, types.MethodType(superpose_bag_means, embedding))
+
+    @property
+    def embedding_backward_reads_weight(self) -> bool:
+        """Whether backward reads the embedding table: only the rescaled mean's norms do (a lookup's or a plain
+        mean's gradient needs the ids alone), so otherwise a sharded table need not be gathered again for it."""
+        return self.rescale_mean
 
     @classmethod
     def from_config(cls, lm: torch.nn.Module, cfg: RunConfig) -> LMObjective:
@@ -69,11 +99,7 @@ class LMObjective(torch.nn.Module):
 
     def forward(self, window: torch.Tensor, bag: int, mode: str) -> Objective:
         input_ids, targets = method.split_window(window, bag, mode)
-        embedding = self.lm.get_input_embeddings()
-        x = method.embed_inputs(embedding, input_ids, bag, mode, self.rescale_mean)
-        scale = getattr(embedding, "embed_scale", None)  # Gemma scales lookups (by sqrt(d)) inside its embedding
-        if scale is not None:
-            x = x * scale.to(x.dtype)
+        x = self.embed(input_ids, method.input_bag(bag, mode))
         extra = {"output_router_logits": True} if self.num_experts else {}
         out = self.lm.base_model(inputs_embeds=x, use_cache=False, **extra)
         w = None if mode == "input" else method.target_weights(bag, self.weighting, self.alpha)
@@ -89,6 +115,15 @@ class LMObjective(torch.nn.Module):
         with torch.no_grad():
             load = expert_load(out.router_logits, self.top_k)
         return Objective(loss, router_aux_loss(self.lm, out), load)
+
+    def embed(self, input_ids: torch.Tensor, bag: int) -> torch.Tensor:
+        """The backbone's inputs ``[B, L, d]`` from ids ``[B, L*bag]``: the embedding module's bag means (as
+        :func:`method.superpose_embeddings`), times the scale Gemma applies inside its embedding's forward."""
+        embedding = self.lm.get_input_embeddings()
+        rows = getattr(embedding, BAG_MEANS)(input_ids.reshape(-1, bag), self.rescale_mean)
+        x = rows.view(input_ids.shape[0], -1, rows.shape[-1])
+        scale = getattr(embedding, "embed_scale", None)  # Gemma: sqrt(d)
+        return x if scale is None else x * scale.to(x.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits the model serves: its head, then its logit map (in fp32 when there is one, as the loss)."""
