@@ -101,8 +101,9 @@ class TrainModule:
         seed = cfg.seed if init and not pretrained else None
         if not self.sharded:  # DDP and one process wrap real weights
             self._materialize(seed, pretrained)
-        self.objective = apply_parallelism(LMObjective.from_config(self.model, cfg), self.model, train.parallel, info,
-                                           device, use_bf16 and self.sharded, train.replicas)
+        objective = LMObjective.from_config(self.model, cfg)
+        self.objective = apply_parallelism(objective, self.model, train.parallel, info, device,
+                                           use_bf16 and self.sharded, train.replicas)
         self.compiled = train.compile and compile_blocks(self.model, device)  # after wrapping, as torchtitan does
         if self.sharded:
             self._materialize(seed, pretrained)
@@ -118,7 +119,7 @@ class TrainModule:
         self._autocast = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
         )
-        self._aux_coef = float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        self._aux_coef = objective.aux_coef
 
     def _materialize(self, seed: int | None, pretrained: str) -> None:
         materialize(self.model, self.device, seed)
