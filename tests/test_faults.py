@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_config
+from conftest import make_tiny_config, torchrun
 from safetensors.torch import load_file
 
 from superpose.errors import TrainingStopped
@@ -61,6 +62,69 @@ def test_sigkill_then_resume_gives_uninterrupted_losses(tiny_config, tmp_path, r
     resumed = cli(path, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(cfg.run_dir) == reference
+    assert not list((cfg.run_dir / "checkpoints").glob(".tmp-*"))
+
+
+HELD_WORKER = """
+import sys, time
+from pathlib import Path
+from torch.distributed.checkpoint import FileSystemWriter
+from superpose.cli import main
+
+real, metrics = FileSystemWriter.write_data, Path(sys.argv.pop(1))
+
+def write_data(writer, plan, planner):  # step 8's checkpoint is written once the loop has logged step 10
+    deadline = time.time() + 60  # (a loop that waits for this write never logs it)
+    while "step-0000008" in str(writer.path) and '"step": 10,' not in metrics.read_text() and time.time() < deadline:
+        time.sleep(0.01)
+    return real(writer, plan, planner)
+
+FileSystemWriter.write_data = write_data
+sys.exit(main())
+"""
+
+
+def torchrun_killed(config_path, metrics, point: str) -> subprocess.CompletedProcess:
+    """``superpose train`` on 2 gloo ranks under torchrun with ``SUPERPOSE_KILL_AT=point``, each worker holding
+    step 8's background checkpoint write until ``metrics`` logs step 10 (conftest.torchrun, which requires success,
+    for the rest)."""
+    worker = Path(config_path).with_name("held_worker.py")
+    worker.write_text(HELD_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(metrics), "train", str(config_path), "--quiet"],
+                          env={**env, KILL_ENV: point}, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(embedded_data, tmp_path_factory):
+    """Losses of an uninterrupted run on 2 gloo ranks (FSDP2, so DCP checkpoints, written in the background)."""
+    cfg = make_tiny_config(embedded_data, tmp_path_factory.mktemp("two-ranks"), "reference", train={"parallel": "fsdp"})
+    path = cfg.run_dir.parent / "reference.toml"
+    path.write_text(cfg.to_toml())
+    torchrun(path)
+    return losses(cfg.run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["checkpoint:8", "manifest:8"])
+def test_sigkill_with_a_background_checkpoint_in_flight_resumes_from_the_last_complete_one(
+        embedded_data, tmp_path, two_rank_reference, point):
+    """checkpoint.async on 2 ranks: killed inside the background write of step 8's checkpoint (after DCP's write,
+    on every rank; after every file but the manifest, on rank 0) after the loop trained on to step 10. Step 6's
+    checkpoint is the newest complete one; --resume takes it and gives the uninterrupted losses exactly (same world
+    size)."""
+    cfg = make_tiny_config(embedded_data, tmp_path / "runs", "killed", train={"parallel": "fsdp"})
+    path = tmp_path / "killed.toml"
+    path.write_text(cfg.to_toml())
+    died = torchrun_killed(path, cfg.run_dir / "metrics.jsonl", point)
+    assert died.returncode != 0, died.stderr[-2000:]
+    assert losses(cfg.run_dir)[-1][0] >= 10  # the loop trained on while step 8's checkpoint was being written
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000004", "step-0000006"]
+    half = cfg.run_dir / "checkpoints" / ".tmp-step-0000008"
+    assert (half / "dcp" / ".metadata").is_file() and not (half / "manifest.sha256").exists()
+    torchrun(path, "--resume")
+    assert losses(cfg.run_dir) == two_rank_reference
     assert not list((cfg.run_dir / "checkpoints").glob(".tmp-*"))
 
 

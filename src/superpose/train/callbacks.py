@@ -60,7 +60,8 @@ class Callback:
         """Last in every step, after the row is written: checkpoints and policy stops go here."""
 
     def post_checkpoint(self, path: Path) -> None:
-        """After a checkpoint of the current step is complete at ``path``."""
+        """After a checkpoint is complete at ``path``: at once when written in place, or (``checkpoint.async``) once
+        the next checkpoint, a stop or the end of the run has waited for it."""
 
     def close(self) -> None:
         """Once at the end of the run, however it ends."""

@@ -9,6 +9,8 @@ A checkpoint folder ``step-NNNNNNN`` holds ``state.json`` (step, loader position
   in parallel and readable at any world size (DCP's own metadata file is pickled: load only checkpoints you made).
 
 Either layout loads into either kind of run: state dicts are keyed by parameter name, never by position or rank.
+A DCP checkpoint is written in the background by default (``checkpoint.async``, :class:`BackgroundCheckpoints`):
+training waits only for the copy of its state to CPU memory.
 
 ``manifest.sha256``, written last, holds the SHA-256 of every other file (the format of ``sha256sum -c``, under a
 header line with the SHA-256 of the lines below it). Every reader (resume, export, generate, eval) verifies the
@@ -27,10 +29,13 @@ import re
 import shutil
 import sys
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Container, Mapping
+from typing import Any, Callable, Container, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch.distributed.checkpoint.api import CheckpointException
@@ -104,46 +109,68 @@ def save_checkpoint(
     config_files: dict[str, str],
     keep: int,
     info: DistInfo = DistInfo(),
+    background: BackgroundCheckpoints | None = None,
 ) -> Path:
     """Write a checkpoint atomically (every rank takes part), then drop periodic ones beyond the newest ``keep``.
 
     ``state`` goes to ``state.json``; ``state["keep_always"]`` marks checkpoints (phase switches, the final one)
     that pruning never removes. ``config_files`` (name -> text: the run config, the model's transformers config) are
     written beside. The manifest comes last, once every rank's files are complete: each rank hashed a share of the
-    weight files it helped write, rank 0 adds its small files.
+    weight files it helped write, rank 0 adds its small files. With ``background`` (a DCP checkpoint, see
+    :func:`writes_dcp`) this returns once every rank has copied its state to CPU memory, and the checkpoint appears
+    at the returned path when its thread has finished it (:class:`BackgroundCheckpoints`).
     """
+    if background is not None:
+        background.wait()  # at most one in flight
     folder = Path(run_dir) / "checkpoints"
     final = folder / checkpoint_name(state["step"])
     tmp = folder / f".tmp-{final.name}"
     if info.is_main:
         temp_sibling(final, unique=False)  # a name every rank computes
     barrier(info)
-    try:
+    files = {**config_files, "state.json": json.dumps(state, indent=2)}  # this step's, whenever they are written
+    with _writing(tmp, final, info):
+        if background is not None:
+            background.start(tmp, final, model, optimizer, files, keep)
+            return final
         _write_weights(tmp, model, optimizer, state["step"], info)
-        names = checkpoint_files(tmp)
-        checksums = merge_across_ranks({n: file_sha256(tmp / n) for n in names[info.rank::info.world_size]}, info)
-        if info.is_main:
-            for name, text in config_files.items():
-                (tmp / name).write_text(text)
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            kill_point("manifest", state["step"])
-            write_manifest(tmp, checksums)
-            commit_dir(tmp, final, replace=True)  # a rerun past a resumed step replaces that step's checkpoint
-            _prune(folder, keep)
-    except (OSError, SafetensorError, RuntimeError) as e:  # a full or read-only disk: nothing complete was touched
+        _seal(tmp, final, files, keep, info, lambda part: merge_across_ranks(part, info))
+    barrier(info)
+    return final
+
+
+@contextmanager
+def _writing(tmp: Path, final: Path, info: DistInfo) -> Iterator[None]:
+    """A write that fails (a full or read-only disk) is one line; nothing complete was touched."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError, CheckpointException) as e:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise SuperposeError(f"writing checkpoint {final.name} failed: {first_line(e)}; the last complete "
-                             f"checkpoint in {folder} is intact: free space, then continue with --resume") from None
-    barrier(info)
-    return final
+                             f"checkpoint in {final.parent} is intact: free space, then continue with --resume"
+                             ) from None
+
+
+def writes_dcp(model: torch.nn.Module, info: DistInfo) -> bool:
+    """Whether this run's checkpoints are DCP folders: several processes, or FSDP2 shards on one (one GPU)."""
+    return info.enabled or is_sharded(model)
+
+
+def background_checkpoints(enabled: bool, model: torch.nn.Module, info: DistInfo, device: torch.device,
+                           on_complete: Callable[[Path], None]) -> BackgroundCheckpoints | None:
+    """``checkpoint.async``'s writer where it applies: DCP checkpoints under a process group (every multi-process
+    run, FSDP2 on one GPU); None where checkpoints are written in place."""
+    if not (enabled and writes_dcp(model, info) and dist.is_initialized()):
+        return None
+    return BackgroundCheckpoints(info, device.type == "cuda", on_complete)
 
 
 def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                    info: DistInfo) -> None:
     """Weights and optimizer state: safetensors + optimizer.pt from one unsharded process, else a DCP folder that
     every rank writes its shards into (FSDP2 on one GPU shards too)."""
-    sharded = info.enabled or is_sharded(model)
+    sharded = writes_dcp(model, info)
     if sharded:
         import torch.distributed.checkpoint as dcp
 
@@ -155,6 +182,98 @@ def _write_weights(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     if not sharded:
         torch.save(get_optimizer_state_dict(model, optimizer), tmp / "optimizer.pt")
     barrier(info)
+
+
+def _seal(tmp: Path, final: Path, files: Mapping[str, str], keep: int, info: DistInfo,
+          merge: Callable[[dict[str, str]], dict[str, str]]) -> None:
+    """Complete a checkpoint whose weights every rank has written: each rank hashes its share of the files (``merge``
+    gathers the checksums), rank 0 writes ``files``, the manifest, renames the folder into place and prunes."""
+    names = checkpoint_files(tmp)
+    checksums = merge({n: file_sha256(tmp / n) for n in names[info.rank::info.world_size]})
+    if info.is_main:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        kill_point("manifest", checkpoint_step(final))
+        write_manifest(tmp, checksums)
+        commit_dir(tmp, final, replace=True)  # a rerun past a resumed step replaces that step's checkpoint
+        _prune(final.parent, keep)
+
+
+class BackgroundCheckpoints:
+    """``checkpoint.async``: DCP checkpoints finished by a thread of every rank while training goes on.
+
+    :func:`save_checkpoint` copies this rank's shards to CPU memory (all that training waits for: DCP's
+    ``async_save``, into buffers kept from one checkpoint to the next, pinned on a GPU); DCP's thread then writes
+    them, and ours hashes this rank's share of the files, gathers the checksums, and on rank 0 writes the manifest,
+    renames ``.tmp-step-N`` into place and prunes, so a crash before the end leaves the previous checkpoint the
+    newest one. The threads' collectives go over a gloo group of their own: one group's collectives must never be
+    issued from two threads at once, and training's never use this one. At most one is in flight: a new checkpoint,
+    a stop and the end of the run (leaving the ``with`` block) wait for it. ``on_complete`` (a path) runs in the
+    thread that waited, once the checkpoint is complete on every rank.
+    """
+
+    def __init__(self, info: DistInfo, pinned: bool, on_complete: Callable[[Path], None] = lambda path: None):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.info, self.on_complete = info, on_complete
+        self._group = dist.new_group(backend="gloo")  # every rank builds it at the same point: start-up
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=False))
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="superpose-checkpoint")
+        self._pending: tuple[Path, Future[None]] | None = None
+
+    def start(self, tmp: Path, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              files: Mapping[str, str], keep: int) -> None:
+        """Stage this rank's state and hand the rest to the threads (every rank calls this, in step)."""
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        written = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"),
+                                 process_group=self._group, async_stager=self._stager)
+        self._pending = (final, self._thread.submit(self._finish, written, tmp, final, files, keep))
+
+    def _finish(self, written: Future[Any], tmp: Path, final: Path, files: Mapping[str, str], keep: int) -> None:
+        """The rest of a checkpoint, in the background: DCP's write, the seal, then a barrier, so the checkpoint is
+        complete for every rank once this rank's future resolves."""
+        with _writing(tmp, final, self.info):
+            written.result()
+            kill_point("checkpoint", checkpoint_step(final))
+            _seal(tmp, final, files, keep, self.info, self._merge)
+            dist.barrier(group=self._group)
+
+    def _merge(self, part: dict[str, str]) -> dict[str, str]:
+        """:func:`merge_across_ranks` over the threads' own group."""
+        parts: list[dict[str, str]] = [{} for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather_object(parts, part, group=self._group)
+        return {k: v for p in parts for k, v in p.items()}
+
+    @property
+    def in_flight(self) -> Path | None:
+        """The checkpoint being written, if any."""
+        return self._pending[0] if self._pending is not None else None
+
+    def wait(self) -> Path | None:
+        """Block until the checkpoint in flight (if any) is complete and return its path; a failed one raises its
+        one-line error here."""
+        if self._pending is None:
+            return None
+        (final, future), self._pending = self._pending, None
+        future.result()
+        self.on_complete(final)
+        return final
+
+    def __enter__(self) -> BackgroundCheckpoints:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        """Wait for the checkpoint in flight. When the run is failing anyway, that error is the one reported: a
+        checkpoint that failed too was never renamed into place, so --resume takes the one before."""
+        try:
+            with suppress(*(() if kind is None else (Exception,))):
+                self.wait()
+        finally:
+            self._thread.shutdown(wait=True)
+            self._stager.close()
 
 
 def checkpoint_files(path: Path) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import keyword
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,13 @@ from ..errors import SuperposeError
 from ..method import MODES, WEIGHTINGS
 from ..models import custom_config, get_preset, model_config, pretrained_config
 from ..schedule import PhaseSchedule, Stage, two_phase_stages, wsd_decay_start
+
+
+def toml_key(name: str) -> str:
+    """A field's key in a config file: a field named for a Python keyword carries a trailing underscore
+    (``async_``), its key does not (``checkpoint.async``)."""
+    stem = name.removesuffix("_")
+    return stem if keyword.iskeyword(stem) else name
 
 
 def _require(ok: bool, message: str) -> None:
@@ -299,6 +307,11 @@ class CheckpointConfig:
     fork_from: str = ""
     """A checkpoint folder to start from when the run folder holds none yet (a planned comparison's baseline forked
     from its trunk); once the run has its own checkpoint, --resume continues that one."""
+    async_: bool = True
+    """Write sharded (DCP) checkpoints in the background: each rank copies its shards to CPU memory and training
+    goes on while a thread writes, hashes and renames the checkpoint into place; at most one is in flight, and a
+    stop or the end of the run waits for it. DCP writes every checkpoint of a multi-process run and of FSDP2 on one
+    GPU; a one-process safetensors checkpoint is always written in place. false: training waits for each one."""
 
     def validate(self) -> None:
         _require(self.every >= 0, f"checkpoint.every: must be >= 0, got {self.every}")
@@ -378,6 +391,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as TOML-ready tables; a multi-stage ``tst.schedule`` leaves out the bag/ratio it replaces."""
         data = dataclasses.asdict(self)
+        for name, table in data.items():
+            if dataclasses.is_dataclass(getattr(self, name)):
+                data[name] = {toml_key(key): value for key, value in table.items()}
         if self.tst.schedule:
             del data["tst"]["bag"], data["tst"]["ratio"]
         if self.data.sources:

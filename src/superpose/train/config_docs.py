@@ -45,6 +45,6 @@ def config_reference() -> str:
             value = getattr(defaults, name)
             if dataclasses.is_dataclass(value):
                 continue
-            key = f"{section}.{name}" if section else name
+            key = f"{section}.{schema.toml_key(name)}" if section else name
             lines.append(f"| `{key}` | `{_default(value)}` | {doc} |")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SuperposeError
-from .config import RunConfig
+from .config import RunConfig, toml_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,11 +42,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = {toml_key(f.name): f.name for f in dataclasses.fields(cls)}  # checkpoint.async is the field async_
+    unknown = sorted(set(data) - names.keys())
     if unknown:
         raise SuperposeError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    return cls(**{names[k]: _coerce(v, hints[names[k]], prefix + k) for k, v in data.items()})
 
 
 def _parse_value(text: str) -> Any:

@@ -4,7 +4,8 @@
 crash-safety tests use it to die mid-step, mid-checkpoint-write and right at the phase switch, deterministically.
 Points: ``step`` (after an optimizer step, before its checkpoint), ``checkpoint`` (inside a checkpoint write,
 after the weights and before the optimizer state) and ``manifest`` (after every file of the checkpoint but its
-manifest, which completes it).
+manifest, which completes it). Under ``checkpoint.async`` the last two are reached in the background thread that
+finishes a DCP checkpoint, while the loop trains on.
 """
 
 from __future__ import annotations

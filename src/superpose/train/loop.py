@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .callbacks import (
     Throughput,
 )
 from .checkpoint import (
+    background_checkpoints,
     list_checkpoints,
     remove_partial_checkpoints,
     resolve_checkpoint,
@@ -205,6 +207,8 @@ class Trainer:
                                    inputs.mixed, cfg.eval.every, cfg.train.steps, self.console)
         self.callbacks = run_callbacks(self) + list(callbacks)
         self.config_files = {"config.toml": cfg.to_toml(), "config.json": self.module.model.config.to_json_string()}
+        self.background = background_checkpoints(cfg.checkpoint.async_, self.module.model, info, device,
+                                                 self._checkpointed)
         self._wall0, self._saved_at = time.perf_counter() - self.state.wall_time, -1
 
     def fit(self) -> RunResult:
@@ -221,6 +225,8 @@ class Trainer:
                     stopped = signals.name or "SIGTERM"  # or another rank's signal (SLURM sends SIGTERM)
                     if self._saved_at != self.state.step:
                         self.checkpoint(keep_always=False)
+                    if self.background is not None:
+                        self.background.wait()  # the process ends: its checkpoint is complete first
                     self.console.say(f"{stopped}: stopped after step {self.state.step} with a checkpoint; "
                                      f"continue with --resume")
                     break
@@ -251,18 +257,26 @@ class Trainer:
         """Steps that read numbers back from the device: those some callback wants a row on."""
         return any(callback.wants_row(done) for callback in self.callbacks)
 
-    def checkpoint(self, keep_always: bool) -> Path:
-        """A checkpoint of the current step (every rank takes part); then the callbacks' ``post_checkpoint``."""
+    def checkpoint(self, keep_always: bool, wait: bool = False) -> Path:
+        """A checkpoint of the current step (every rank takes part); the callbacks' ``post_checkpoint`` once it is
+        complete: at once, or (``checkpoint.async``) when it is waited for (``wait``, the next checkpoint, a stop,
+        the end of the run)."""
         done = self.state.step
         meta = {"keep_always": keep_always, "phase": self.schedule.stage_at(done - 1) + 1,
                 "bag": self.schedule.bag_at(done - 1)}
         path = save_checkpoint(self.cfg.run_dir, self.module.model, self.module.optimizer,
                                {**self.state.state_dict(), **meta}, self.config_files, self.cfg.checkpoint.keep,
-                               self.info)
+                               self.info, self.background)
         self._saved_at = done
+        if self.background is None:
+            self._checkpointed(path)
+        elif wait:
+            self.background.wait()
+        return path
+
+    def _checkpointed(self, path: Path) -> None:
         for callback in self.callbacks:
             callback.post_checkpoint(path)
-        return path
 
 
 @contextmanager
@@ -275,6 +289,8 @@ def _running(trainer: Trainer) -> Iterator[tuple[StopSignals, Callable[[], None]
             stack.callback(callback.close)
         signals = stack.enter_context(StopSignals())
         tick = stack.enter_context(profile_steps(trainer.cfg.train.profile_steps, trainer.cfg.run_dir / "profile"))
+        if trainer.background is not None:  # the end of the run waits for the checkpoint in flight
+            stack.enter_context(trainer.background)
         for callback in trainer.callbacks:
             callback.pre_train()
         yield signals, tick
@@ -340,7 +356,8 @@ def run_callbacks(trainer: Trainer) -> list[Callback]:
         Throughput(t.state, cfg.train.batch_size, cfg.train.seq_len, t.module.model.config, t.device,
                    t.info.world_size),
         *([SourceCounts(t.state)] if t.inputs.mixed else []),
-        NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, t.state, t.device, t.console, t.checkpoint),
+        NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skips, t.state, t.device, t.console,
+                        partial(t.checkpoint, wait=True)),  # its error names the checkpoint: complete first
         EpochLine(t.batches, t.console),
         t.evaluator,
         PhaseSwitchLine(switches, t.console),
