@@ -197,10 +197,8 @@ class Trainer:
         self.module = TrainModule(cfg, inputs.data.vocab_size, device, info, init=checkpoint is None,
                                   model=inputs.model)
         self.step_flops = flops_per_step(self.module.model.config, cfg.train.batch_size, cfg.train.seq_len)
-        self.state = TrainState()
-        if checkpoint is not None:
-            self.state = resume_checkpoint(checkpoint, self.module.model, self.module.optimizer, cfg.to_dict(),
-                                           info)
+        self.state = TrainState() if checkpoint is None else resume_checkpoint(
+            checkpoint, self.module.model, self.module.optimizer, cfg.to_dict(), info)
         self.batches = Prefetcher(_open_loader(cfg, inputs, info, self.state.loader), device)
         self.console = Console(cfg.name, cfg.train.steps, self.state.step, progress, info.is_main)
         self.evaluator = Evaluator(self.module, inputs.val_windows, {s.name: s.weight for s in inputs.sources},
@@ -209,11 +207,10 @@ class Trainer:
         self.config_files = {"config.toml": cfg.to_toml(), "config.json": self.module.model.config.to_json_string()}
         self.background = background_checkpoints(cfg.checkpoint.async_, self.module.model, info, device,
                                                  self._checkpointed)
-        self._wall0, self._saved_at = time.perf_counter() - self.state.wall_time, -1
+        self._wall0, self.saved_at = time.perf_counter() - self.state.wall_time, -1
 
     def fit(self) -> RunResult:
-        """Train from the current step to the end (or ``train.stop_at``), or until a stop request (then with a
-        checkpoint)."""
+        """Train to the end (or ``train.stop_at``), or until a stop request (then with a checkpoint)."""
         _write_run_files(self)
         stopped, end = None, self.cfg.train.stop_at or self.cfg.train.steps
         with _running(self) as (signals, tick):
@@ -222,13 +219,7 @@ class Trainer:
                 tick()
                 # the ranks agree once per step, over the host network: a stop needs this step's checkpoint
                 if any_rank(signals.received is not None, self.info) and self.state.step < end:
-                    stopped = signals.name or "SIGTERM"  # or another rank's signal (SLURM sends SIGTERM)
-                    if self._saved_at != self.state.step:
-                        self.checkpoint(keep_always=False)
-                    if self.background is not None:
-                        self.background.wait()  # the process ends: its checkpoint is complete first
-                    self.console.say(f"{stopped}: stopped after step {self.state.step} with a checkpoint; "
-                                     f"continue with --resume")
+                    stopped = _stop(self, signals)
                     break
         return _run_result(self, stopped)
 
@@ -258,16 +249,14 @@ class Trainer:
         return any(callback.wants_row(done) for callback in self.callbacks)
 
     def checkpoint(self, keep_always: bool, wait: bool = False) -> Path:
-        """A checkpoint of the current step (every rank takes part); the callbacks' ``post_checkpoint`` once it is
-        complete: at once, or (``checkpoint.async``) when it is waited for (``wait``, the next checkpoint, a stop,
-        the end of the run)."""
-        done = self.state.step
-        meta = {"keep_always": keep_always, "phase": self.schedule.stage_at(done - 1) + 1,
-                "bag": self.schedule.bag_at(done - 1)}
+        """A checkpoint of the current step (every rank takes part); ``post_checkpoint`` once it is complete: at once,
+        or (``checkpoint.async``) when waited for (``wait``, the next checkpoint, a stop, the end of the run)."""
+        done, s = self.state.step, self.schedule
+        meta = {"keep_always": keep_always, "phase": s.stage_at(done - 1) + 1, "bag": s.bag_at(done - 1)}
         path = save_checkpoint(self.cfg.run_dir, self.module.model, self.module.optimizer,
                                {**self.state.state_dict(), **meta}, self.config_files, self.cfg.checkpoint.keep,
                                self.info, self.background)
-        self._saved_at = done
+        self.saved_at = done
         if self.background is None:
             self._checkpointed(path)
         elif wait:
@@ -277,6 +266,17 @@ class Trainer:
     def _checkpointed(self, path: Path) -> None:
         for callback in self.callbacks:
             callback.post_checkpoint(path)
+
+
+def _stop(trainer: Trainer, signals: StopSignals) -> str:
+    """A stop every rank agreed on: this step's checkpoint, complete before the process ends; returns the signal."""
+    stopped = signals.name or "SIGTERM"  # or another rank's signal (SLURM sends SIGTERM)
+    if trainer.saved_at != trainer.state.step:
+        trainer.checkpoint(keep_always=False)
+    if trainer.background is not None:
+        trainer.background.wait()
+    trainer.console.say(f"{stopped}: stopped after step {trainer.state.step} with a checkpoint; continue with --resume")
+    return stopped
 
 
 @contextmanager
