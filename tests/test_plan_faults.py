@@ -5,7 +5,7 @@ command that continues it, and only a run whose folder lock a live process holds
 One plan is trained once per module: its trunk SIGKILLed at step 5 (a real kill, in its own process: the trunk's
 last segment, which trains it from step 0 when run alone; the first segment, to step 3, has finished), the short
 baseline forked from the trunk's kept step 3, the arm finished, the long baseline not started. Case count
-(hypothesis max_examples): damaged plan files 60.
+(hypothesis max_examples): damaged plan files 30.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _damage(text: str, action: str, pick: int, other: int) -> str:
     return json.dumps(plan)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["compare", "sweep"]), action=st.sampled_from(["delete", "retype", "truncate"]),
        pick=st.integers(0, 10**6), other=st.integers(0, len(OTHER_VALUES) - 1))
 def test_any_damaged_plan_reports_or_is_one_line(plans, tmp_path_factory, capsys, kind, action, pick, other):
