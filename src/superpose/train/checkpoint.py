@@ -242,10 +242,7 @@ class BackgroundCheckpoints:
             dist.barrier(group=self._group)
 
     def _merge(self, part: dict[str, str]) -> dict[str, str]:
-        """:func:`merge_across_ranks` over the threads' own group."""
-        parts: list[dict[str, str]] = [{} for _ in range(dist.get_world_size(self._group))]
-        dist.all_gather_object(parts, part, group=self._group)
-        return {k: v for p in parts for k, v in p.items()}
+        return merge_across_ranks(part, self.info, self._group)
 
     @property
     def in_flight(self) -> Path | None:

@@ -154,12 +154,14 @@ def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def merge_across_ranks(part: dict[str, Any], info: DistInfo) -> dict[str, Any]:
-    """Union of every rank's small dict (e.g. checksums of the files each rank hashed), on every rank."""
+def merge_across_ranks(part: dict[str, Any], info: DistInfo,
+                       group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Union of every rank's small dict (e.g. checksums of the files each rank hashed), on every rank; over the host
+    group, or ``group`` (e.g. a background thread's own, so no group is used from two threads)."""
     if not info.enabled:
         return part
     parts: list[dict[str, Any]] = [{} for _ in range(info.world_size)]
-    dist.all_gather_object(parts, part, group=_host_group)
+    dist.all_gather_object(parts, part, group=group or _host_group)
     return {k: v for p in parts for k, v in p.items()}
 
 
