@@ -1,140 +1,239 @@
-"""Where does TST pay off? Iso-loss speedup against run length, model width, and the switch-softening options.
+"""Where does TST pay off? The iso-loss speedup against run length and tokens per parameter, on a CPU.
 
-Each study is a set of ``superpose.compare`` comparisons on one config (the headline's tiny setup by default);
-runs are shared through ``--runs`` so baselines are trained once. Studies can run as separate processes (their
-results land in ``OUT/trend-STUDY.json``); ``--summarize`` then writes ``trend.md``, ``trend.json`` and
-``trend.png`` from whatever studies have finished.
+Every run is ``configs/tiny-tst.toml`` as it is (its defaults: WSD, warmup 50, B=16, L=128, eval every 100 steps on
+4 batches) except the model preset, the run length, the seed and the arm's bag and ratio. Per model preset and seed
+there is one baseline family (multiples 0.25, 0.5, 1 of every length) forked from one constant-LR trunk, so the
+doubling lengths share their members and the trunk is trained once. Jobs run ``--workers`` at a time, each in its
+own process (``OMP_NUM_THREADS=1`` per job), in a fixed priority order: trunk segments as soon as they can start,
+then the points shortest first, so a stopped study has its short points complete. Rerunning reuses every finished
+run; ``--summarize`` only collects what has finished into ``trend.json``, ``trend.md`` and ``trend.png``.
 
-    python bench/trend.py --study soften --runs RUNS --data DATA --out bench/results
-    python bench/trend.py --summarize --out bench/results
+    OMP_NUM_THREADS=1 python bench/trend.py --runs RUNS --data data/embedded --out bench/results --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
+import math
+import multiprocessing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-from superpose.compare import compare, variants_for, write_report
+import numpy as np
+
+from superpose.compare import arm_config, collect, family_jobs, run_job, variants_for, write_report
+from superpose.compare.isoloss import family_lengths
+from superpose.compare.jobs import Job, Variant, derive
+from superpose.compare.standing import PAPER
+from superpose.errors import SuperposeError
 from superpose.plots import plot_trend
 from superpose.provenance import provenance
 from superpose.train.config import RunConfig
 from superpose.train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_OVERRIDES = ["optim.warmup_steps=30", "eval.every=30", "eval.batches=8", "train.log_every=1",
-                  "checkpoint.every=0"]
-"""The headline compare's overrides of configs/tiny-tst.toml (bag 4, ratio 0.3, lr 2e-3, B=16, L=128, WSD 20%)."""
-FAMILY = (0.5, 1.0, 2.0)
-SHORT_FAMILY = (0.5, 1.0)
-"""For the costliest points (a 2x baseline would double their price); a TST loss beyond the 1x member is a bound."""
-STEPS = {150: FAMILY, 300: FAMILY, 600: SHORT_FAMILY}
-WIDTHS = {64: SHORT_FAMILY, 128: FAMILY, 256: SHORT_FAMILY}
-"""hidden_size of a 4-layer Llama (intermediate 3x) at 150 steps; 128 is the tiny preset."""
-SOFTENING = {
-    "paper recipe (s4, r0.3)": {},
-    "LR re-warmup 15 steps": {"rewarmup_steps": 15},
-    "bag mean rescaled": {"rescale_mean": True},
-    "multi-stage 8-4-2-1": {"schedule": [[0.1, 8], [0.2, 4], [0.3, 2], [1.0, 1]]},
-}
+CONFIG = ROOT / "configs" / "tiny-tst.toml"
+FAMILY = (0.25, 0.5, 1.0)
+"""0.25 costs one extra member (a quarter of the shortest length): the other quarters are a shorter length's halves."""
+ARMS = {"s4-r0.3": {"bag": 4, "ratio": 0.3}, "s2-r0.2": {"bag": 2, "ratio": 0.2}}
 
 
-def base_config(data: Path, steps: int, width: int | None = None) -> RunConfig:
-    overrides = [f"data.path='{data}'", f"train.steps={steps}", *BASE_OVERRIDES]
-    if width is not None and width != 128:
-        overrides.append(f"model.overrides={{hidden_size = {width}, intermediate_size = {3 * width}}}")
-    return load_config(ROOT / "configs" / "tiny-tst.toml", overrides)
+@dataclass(frozen=True)
+class Point:
+    """One comparison of the study: a preset at one run length, with its arms and seeds."""
+
+    preset: str
+    steps: int
+    arms: tuple[str, ...]
+    seeds: int
 
 
-def _point(result: Any, label: str, **extra: Any) -> dict[str, Any]:
-    summary = result.summaries[0]
-    return {"label": label, **extra, **{k: summary[k] for k in (
-        "speedup_mean", "speedup_std", "speedup_text", "bounded", "final_val_loss_mean", "spike_height_mean",
-        "half_recovery_steps_mean", "wall_speedup_mean")}, "parameters": result.setup["parameters"],
-        "recommendation": result.recommendation}
+POINTS = (
+    *(Point("tiny", steps, tuple(ARMS), 2 if steps <= 1200 else 1) for steps in (300, 600, 1200)),
+    Point("small", 1200, ("s4-r0.3",), 1),
+    *(Point("tiny", steps, tuple(ARMS), 1) for steps in (2400, 4800)),
+    Point("small", 1200, ("s2-r0.2",), 1),
+)
+"""In priority order: a study stopped early has its short tiny points (both seeds) and the small s4 point."""
 
 
-def run_study(study: str, runs: Path, data: Path, out: Path, seeds: int, only: list[int]) -> list[dict[str, Any]]:
-    """Train (or reuse) one study's comparisons (``only``: a subset of its steps/widths); full reports go under
-    OUT/trend/STUDY-*."""
-    points = []
-
-    def one(cfg: RunConfig, label: str, runs_dir: Path, tst: dict[str, Any], family: tuple[float, ...] = FAMILY,
-            **extra: Any) -> None:
-        result = compare(cfg, variants_for(cfg, ("both",), **tst), seeds, family, runs_dir, progress=False)
-        slug = label.split(" (")[0].replace(" ", "-")
-        name = "-".join([study, slug, *(f"{k}{v}" for k, v in extra.items() if k != "steps"), f"T{cfg.train.steps}"])
-        write_report(result, out / "trend" / name, f"trend study {study}: {label}",
-                     f"python bench/trend.py --study {study}")
-        points.append(_point(result, label, **extra))
-        print(f"{study} {label} {extra}: {points[-1]['speedup_text']}", flush=True)
-
-    if study == "steps":
-        for steps, family in STEPS.items():
-            if not only or steps in only:
-                one(base_config(data, steps), "s4-r0.3", runs, {}, family, steps=steps)
-    elif study == "width":
-        for width, family in WIDTHS.items():
-            if not only or width in only:
-                one(base_config(data, 150, width), "s4-r0.3", runs / f"width-{width}" if width != 128 else runs, {},
-                    family, width=width)
-    elif study == "soften":
-        for label, tst in SOFTENING.items():
-            one(base_config(data, 150), label, runs, tst)
-    return points
+def base_config(data: Path, preset: str, steps: int) -> RunConfig:
+    return load_config(CONFIG, [f"data.path='{data}'", f"model.preset='{preset}'", f"train.steps={steps}"])
 
 
-def summarize(out: Path) -> None:
-    """trend.md / trend.json / trend.png from the finished studies."""
-    studies: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(out.glob("trend-*.json")):  # trend-STUDY.json or trend-STUDY-PART.json
-        studies.setdefault(path.stem.split("-")[1], []).extend(json.loads(path.read_text()))
-    (out / "trend.json").write_text(json.dumps({"provenance": provenance(), **studies}, indent=2))
+def variants(base: RunConfig, arms: Sequence[str]) -> list[Variant]:
+    return [variants_for(base, ("both",), **ARMS[arm], schedule=[])[0] for arm in arms]
+
+
+def study_jobs(data: Path, runs: Path) -> list[tuple[str, Job]]:
+    """Every job of the study once, as (preset, job), in priority order: per preset and seed one trunk and family
+    covering every length that preset/seed is compared at, then each point's arms after its members."""
+    lengths: dict[tuple[str, int], set[int]] = {}
+    for p in POINTS:
+        for seed in range(p.seeds):
+            lengths.setdefault((p.preset, seed), set()).update(family_lengths(FAMILY, p.steps))
+    family: dict[tuple[str, int], list[Job]] = {}
+    for (preset, seed), steps in lengths.items():
+        base = derive(base_config(data, preset, max(steps)), seed=seed)
+        family[preset, seed] = family_jobs(base, sorted(steps), runs / preset / f"seed-{seed}")
+    ordered = [(preset, job) for (preset, _), jobs in family.items() for job in jobs if job.kind == "trunk"]
+    for p in POINTS:
+        base = base_config(data, p.preset, p.steps)
+        for seed in range(p.seeds):
+            members = set(family_lengths(FAMILY, p.steps))
+            ordered += [(p.preset, job) for job in family[p.preset, seed]
+                        if job.kind == "baseline" and job.cfg.train.steps in members]
+            seeded = derive(base, seed=seed)
+            ordered += [(p.preset, Job(seed, "tst", arm_config(seeded, v, runs / p.preset / f"seed-{seed}"),
+                                       label=v.label)) for v in variants(base, p.arms)]
+    seen: set[tuple[str, str]] = set()
+    return [(preset, job) for preset, job in ordered if (preset, job.id) not in seen
+            and not seen.add((preset, job.id))]  # type: ignore[func-returns-value]
+
+
+def run_parallel(jobs: list[tuple[str, Job]], workers: int, pool: cf.Executor | None = None,
+                 run: Callable[[Job], None] = run_job) -> None:
+    """Start each job (``run``, in a process of its own by default) once the job it waits for has ended, ``workers``
+    at a time, the first ready one in ``jobs``' order; a failed job stops new starts and is raised once the running
+    ones end."""
+    done: set[tuple[str, str]] = set()
+    waiting = list(jobs)
+    running: dict[cf.Future, tuple[str, Job]] = {}
+    failed: BaseException | None = None
+    pool = pool or cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    with pool:
+        while waiting or running:
+            while failed is None and len(running) < workers:
+                ready = next((pj for pj in waiting if not pj[1].after or (pj[0], pj[1].after) in done), None)
+                if ready is None:
+                    break
+                waiting.remove(ready)
+                running[pool.submit(run, ready[1])] = ready
+                print(f"start {ready[0]} {ready[1].id}", flush=True)
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                preset, job = running.pop(future)
+                if future.exception() is not None:
+                    failed = failed or future.exception()
+                    print(f"FAILED {preset} {job.id}: {future.exception()}", flush=True)
+                else:
+                    done.add((preset, job.id))
+                    print(f"done {preset} {job.id}", flush=True)
+    if failed is not None:
+        raise failed
+    if waiting:
+        raise SuperposeError(f"{len(waiting)} jobs wait for a job that is not in the study")
+
+
+def collect_points(data: Path, runs: Path, out: Path) -> list[dict[str, Any]]:
+    """One row per (point, arm) from whatever has finished, with the per-seed speedups; full reports under
+    OUT/trend/PRESET-T{steps}."""
+    rows = []
+    for p in POINTS:
+        base = base_config(data, p.preset, p.steps)
+        try:
+            result = collect(base, variants(base, p.arms), p.seeds, FAMILY, runs / p.preset, partial=True)
+        except SuperposeError as exc:
+            print(f"{p.preset} T{p.steps}: {exc}")
+            continue
+        write_report(result, out / "trend" / f"{p.preset}-T{p.steps}-{'-'.join(p.arms)}",
+                     f"trend: {p.preset} preset, {p.steps} steps", "python bench/trend.py")
+        tokens = base.train.batch_size * base.train.seq_len * p.steps
+        for arm, summary in zip(p.arms, result.summaries):
+            seeds = [a for a in result.arms if a.label == summary["label"]]
+            rows.append({"preset": p.preset, "arm": arm, "steps": p.steps, "parameters": result.setup["parameters"],
+                         "tokens_per_parameter": tokens / result.setup["parameters"],
+                         "seeds": len(seeds), "per_seed": [
+                             {"seed": a.seed, "speedup": a.speedup, "bound": a.bound,
+                              "final_val_loss": a.final_val_loss, "text_tokens": a.text_tokens} for a in seeds],
+                         **{k: summary[k] for k in ("speedup_mean", "speedup_std", "speedup_text", "bounded",
+                                                    "final_val_loss_mean", "spike_height_mean",
+                                                    "half_recovery_steps_mean", "wall_speedup_mean")}})
+    return rows
+
+
+def trend_fit(rows: list[dict[str, Any]], arm: str) -> dict[str, Any] | None:
+    """Least squares of speedup on log2(steps) over one arm's tiny-preset seeds (bounds left out): the slope per
+    doubling with its standard error, and where the line would reach 1x with a 2-sigma range of the slope."""
+    pts = [(math.log2(r["steps"]), s["speedup"]) for r in rows if r["preset"] == "tiny" and r["arm"] == arm
+           for s in r["per_seed"] if not s["bound"]]
+    if len({x for x, _ in pts}) < 3:
+        return None
+    x, y = np.array(pts).T
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)
+    err = math.sqrt(cov[0, 0])
+    cross = {f"{k}": (2 ** ((1 - intercept) / s) if s > 0 else None)
+             for k, s in (("at_slope", slope), ("at_slope_plus_2se", slope + 2 * err),
+                          ("at_slope_minus_2se", slope - 2 * err))}
+    return {"arm": arm, "points": len(pts), "slope_per_doubling": slope, "slope_se": err, "intercept": intercept,
+            "steps_to_1x": cross}
+
+
+REFERENCE_KEYS = ("preset", "arm", "steps", "parameters", "tokens_per_parameter", "seeds", "speedup_mean",
+                  "speedup_std", "speedup_text", "bounded")
+
+
+def write_reference(path: Path, rows: list[dict[str, Any]], made: dict[str, Any]) -> None:
+    """The trend as ``superpose compare`` quotes it (``superpose.compare.standing``): one entry per point and arm."""
+    measured = (f"superpose's CPU trend (bench/trend.py, {made['date'][:10]}, "
+                f"{made['commit'][:12] or 'uncommitted'})")
+    points = [{k: r[k] for k in REFERENCE_KEYS} for r in rows]
+    path.write_text(json.dumps({"measured": measured, "points": points}, indent=1) + "\n")
+
+
+def summarize(data: Path, runs: Path, out: Path, reference: Path | None) -> None:
+    rows = collect_points(data, runs, out)
+    fits = [f for arm in ARMS if (f := trend_fit(rows, arm))]
+    made = provenance()
+    (out / "trend.json").write_text(json.dumps({"provenance": made, "config": str(CONFIG.relative_to(ROOT)),
+                                                "family": list(FAMILY), "points": rows, "fits": fits,
+                                                "paper_smallest": PAPER}, indent=2))
+    if reference is not None:
+        write_reference(reference, rows, made)
     panels = []
-    for study, key, xlabel in (("steps", "steps", "run length (optimizer steps), tiny preset, s=4 r=0.3"),
-                               ("width", "width", "hidden size (4 layers, 150 steps), s=4 r=0.3")):
-        if study in studies:
-            bounds = "".join(f"; {key} {p[key]}: bound {p['speedup_text']}" for p in studies[study] if p["bounded"])
-            series = {f"TST s=4 r=0.3{bounds}": [(p[key], p["speedup_mean"], p["speedup_std"]) for p in studies[study]]}
-            if study == "steps":  # the softening options were run at 150 steps: show them beside that point
-                series.update({f"{p['label']} (150 steps){' = bound ' + p['speedup_text'] if p['bounded'] else ''}":
-                               [(150, p["speedup_mean"], p["speedup_std"])]
-                               for p in studies.get("soften", [])[1:]})
-            panels.append((f"speedup vs {key}", xlabel, series))
-    if panels:
+    for key, xlabel in (("steps", "run length (optimizer steps)"),
+                        ("tokens_per_parameter", "training tokens per parameter (B x L x steps / params)")):
+        series = {f"{r_arm} {preset}": [(r[key], r["speedup_mean"], r["speedup_std"]) for r in rows
+                                        if r["arm"] == r_arm and r["preset"] == preset]
+                  for r_arm in ARMS for preset in ("tiny", "small")}
+        panels.append((f"iso-loss speedup vs {key.replace('_', ' ')}", xlabel, {k: v for k, v in series.items() if v}))
+    if rows:
         plot_trend(out / "trend.png", panels)
-    lines = ["# Where does TST pay off? (trend study)", ""]
-    for study, points in studies.items():
-        keys = [k for k in ("steps", "width", "parameters") if k in points[0]]
-        lines += [f"## {study}", "", "| setting | " + " | ".join(keys) + " | final val loss | iso-loss speedup | "
-                  "wall speedup | spike (nat) | half-recovery (steps) |", "|---" * (len(keys) + 6) + "|"]
-        for p in sorted(points, key=lambda p: [p[k] for k in keys[:1]]):
-            spike = "–" if p["spike_height_mean"] is None else f"{p['spike_height_mean']:.3f}"
-            half = "–" if p["half_recovery_steps_mean"] is None else f"{p['half_recovery_steps_mean']:.0f}"
-            lines.append(f"| {p['label']} | " + " | ".join(str(p[k]) for k in keys) +
-                         f" | {p['final_val_loss_mean']:.4f} | {p['speedup_text']} | {p['wall_speedup_mean']:.2f}x"
-                         f" | {spike} | {half} |")
-        lines.append("")
-    (out / "trend.md").write_text("\n".join(lines))
+    lines = ["# Where does TST pay off? (trend study, bench/trend.py)", "",
+             "| preset | arm | steps | params | tokens/param | seeds | final val loss | iso-loss speedup | per seed |"
+             " spike (nat) |", "|---" * 10 + "|"]
+    for r in sorted(rows, key=lambda r: (r["preset"] != "tiny", r["arm"], r["steps"])):
+        spike = "–" if r["spike_height_mean"] is None else f"{r['spike_height_mean']:.2f}"
+        per_seed = ", ".join(f"{s['bound']}{s['speedup']:.2f}" for s in r["per_seed"])
+        lines.append(f"| {r['preset']} | {r['arm']} | {r['steps']} | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['tokens_per_parameter']:.2f} | {r['seeds']} | {r['final_val_loss_mean']:.4f} | "
+                     f"{r['speedup_text']} | {per_seed} | {spike} |")
+    for f in fits:
+        lines.append(f"\nFit ({f['arm']}, tiny, {f['points']} seed points): speedup = {f['intercept']:.3f} + "
+                     f"{f['slope_per_doubling']:.3f} ± {f['slope_se']:.3f} (1 s.e.) per doubling of steps.")
+    (out / "trend.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=["steps", "width", "soften"])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "trend")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "embedded")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--only", type=int, nargs="*", default=[], help="a subset of the study's steps or widths")
-    parser.add_argument("--summarize", action="store_true", help="only rebuild trend.md/json/png")
+    parser.add_argument("--workers", type=int, default=1, help="jobs trained at once (one process each)")
+    parser.add_argument("--summarize", action="store_true", help="only collect what has finished")
+    parser.add_argument("--reference", type=Path, help="also write the trend superpose compare quotes here "
+                        "(src/superpose/compare/trend_reference.json)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.study:
-        points = run_study(args.study, args.runs, args.data, args.out, args.seeds, args.only)
-        part = "-".join([args.study, *map(str, args.only)])
-        (args.out / f"trend-{part}.json").write_text(json.dumps(points, indent=2))
-    summarize(args.out)
+    data = args.data.resolve()
+    if not args.summarize:
+        run_parallel(study_jobs(data, args.runs.resolve()), args.workers)
+    summarize(data, args.runs.resolve(), args.out, args.reference)
 
 
 if __name__ == "__main__":

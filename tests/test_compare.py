@@ -209,6 +209,21 @@ def test_derive_changes_only_what_it_is_given(tiny_config, tmp_path):
     assert member.train.batch_size == base.train.batch_size and member.optim == base.optim
 
 
+def test_multi_stage_variants_derive_from_any_base(tiny_config):
+    """A schedule replaces bag/ratio wherever it comes from (the base's file, a variant), and a bag/ratio variant
+    replaces a base's schedule: every job of the comparison derives without the two colliding."""
+    base = tiny_config("base")
+    stages = [[0.1, 8], [0.2, 4], [0.3, 2], [1.0, 1]]
+    staged = derive(base, tst={"schedule": stages})
+    assert (staged.tst.schedule, staged.tst.bag) == (stages, TSTConfig().bag)
+    for cfg, tst, label in ((base, {"schedule": stages}, "s8@0.1-4@0.2-2@0.3"), (staged, {}, "s8@0.1-4@0.2-2@0.3"),
+                            (staged, {"bag": 2, "ratio": 0.2, "schedule": []}, "s2-r0.2")):
+        variant, = variants_for(cfg, ("both",), **tst)
+        assert variant.label == label
+        arms = [job.cfg for job in plan_jobs(cfg, [variant], 1, (0.5, 1.0), cfg.run_dir) if job.kind == "tst"]
+        assert [variant_label(arm.tst) for arm in arms] == [label]
+
+
 @pytest.mark.parametrize("optim, multiples, refused", [
     ({"warmup_steps": 5}, (0.5, 1.0), 0.5),  # 6 steps decay from step 5, inside the warmup
     ({"warmup_steps": 4}, (0.5, 1.0), None),

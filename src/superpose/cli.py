@@ -99,7 +99,7 @@ def _finish_report(args: argparse.Namespace, result, title: str, extra_md: str =
     waiting = sum(s["state"] != "finished" for s in result.status)
     if waiting:
         print(f"{waiting} of {len(result.status)} runs not finished yet (see the report)")
-    print(f"{result.recommendation}\nreport: {path}")
+    print(f"{result.recommendation}\n{result.standing}\nreport: {path}")
     return 0
 
 

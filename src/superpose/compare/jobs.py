@@ -66,6 +66,8 @@ def derive(base: RunConfig, name: str | None = None, runs: Path | None = None, s
     data.update({k: v for k, v in top.items() if v is not None})
     for section, values in sections.items():
         data[section] = {**data[section], **values}
+    if data["tst"].get("schedule"):  # as in RunConfig.to_dict: a multi-stage schedule replaces bag/ratio
+        data["tst"] = {k: v for k, v in data["tst"].items() if k not in ("bag", "ratio")}
     return config_from_dict(data)
 
 

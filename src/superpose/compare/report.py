@@ -67,7 +67,7 @@ def _header(comparison: Comparison, title: str, command: str, made: dict[str, An
             f"{s['lr_schedule']} LR {s['lr']:g} (warmup {s['warmup_steps']}, decay {s['decay_fraction']:g}), "
             f"device {s['device']}. Model FLOPs per step {s['flops_per_step']:.3e}, the same for TST and baseline; the "
             f"superposition overhead adds at most {s['overhead_fraction_of_run_flops']:.1e} of a run's FLOPs.",
-            "", f"**Verdict:** {comparison.recommendation}.", "", "## How the speedup is computed", "", METHOD, ""]
+            "", f"**Verdict:** {comparison.recommendation}.", "", comparison.standing, "", "## How the speedup is computed", "", METHOD, ""]
 
 
 def _spike_cell(height: float | None, after: float | None) -> str:
@@ -157,7 +157,8 @@ def report_json(comparison: Comparison, title: str, command: str, made: dict[str
         "config": comparison.config, "runs": comparison.runs,
         "family": {str(seed): [_member_json(m) for m in ms] for seed, ms in comparison.family.items()},
         "arms": [{k: v for k, v in asdict(a).items() if k != "rows"} for a in comparison.arms],
-        "summaries": comparison.summaries, "recommendation": comparison.recommendation, "status": comparison.status,
+        "summaries": comparison.summaries, "recommendation": comparison.recommendation,
+        "standing": comparison.standing, "status": comparison.status,
         **comparison.extra,
     }
 

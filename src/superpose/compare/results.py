@@ -18,6 +18,7 @@ from ..train.config_load import load_config
 from ..train.metrics import read_metrics
 from .isoloss import at_steps, family_lengths, iso_loss_partial, measure_spike, recommend, summarize
 from .jobs import Job, Variant, plan_jobs
+from .standing import standing
 
 Rows = list[dict[str, Any]]
 """A run's metrics rows, one dict per logged step."""
@@ -197,6 +198,8 @@ class Comparison:
     status: list[dict[str, Any]] = field(default_factory=list)
     """Every planned run: id, kind, an arm's variant label, state (:func:`run_state`), step reached, steps; a plan's
     stopped run also the command that continues it (``resume``)."""
+    standing: str = ""
+    """Where the result stands against the measured trend and the paper (:func:`~.standing.standing`)."""
 
 
 def _job_state(job: Job, rows: Rows, done: bool) -> str:
@@ -257,8 +260,9 @@ def collect(base: RunConfig, variants: Sequence[Variant], seeds: int, family: Se
     summaries = [summarize(mine) for v in variants if (mine := [a for a in arms if a.label == v.label])]
     verdict = recommend(summaries) if summaries else "no recommendation: no TST arm has finished yet"
     source = Path(arms[0].run_dir) if arms else next(j.cfg.run_dir for j in jobs if j.id in finished)
-    return Comparison(base.to_dict(), str(runs), families, arms, summaries, verdict, _setup(base, source, arms),
-                      status=status)
+    setup = _setup(base, source, arms)
+    return Comparison(base.to_dict(), str(runs), families, arms, summaries, verdict, setup, status=status,
+                      standing=standing(setup, summaries))
 
 
 def _setup(base: RunConfig, run_dir: Path, arms: Sequence[Arm]) -> dict[str, Any]:

@@ -61,8 +61,13 @@ def run_jobs(jobs: Sequence[Job], progress: bool = True) -> None:
     ended, so a fork finds its trunk's checkpoint."""
     by_id = {job.id: job for job in jobs}
     for job_id in launch_order({job.id: job.after for job in jobs}):
-        job = by_id[job_id]
-        (_ensure_trunk if job.kind == "trunk" else _ensure_run)(job.cfg, progress)
+        run_job(by_id[job_id], progress)
+
+
+def run_job(job: Job, progress: bool = False) -> None:
+    """Train one job unless its run has finished (a trunk segment: extend the trunk to the segment's end); the job
+    it waits for must have ended. Launchers that start jobs in parallel call this, one job per process."""
+    (_ensure_trunk if job.kind == "trunk" else _ensure_run)(job.cfg, progress)
 
 
 def check_data(base: RunConfig) -> None:
