@@ -52,12 +52,15 @@ class Point:
 
 
 POINTS = (
-    *(Point("tiny", steps, tuple(ARMS), 2 if steps <= 1200 else 1) for steps in (300, 600, 1200)),
+    *(Point("tiny", steps, tuple(ARMS), 2) for steps in (300, 600, 1200)),
+    Point("tiny", 4800, ("s4-r0.3",), 1),
     Point("small", 1200, ("s4-r0.3",), 1),
-    *(Point("tiny", steps, tuple(ARMS), 1) for steps in (2400, 4800)),
+    Point("tiny", 2400, tuple(ARMS), 1),
+    Point("tiny", 4800, ("s2-r0.2",), 1),
     Point("small", 1200, ("s2-r0.2",), 1),
 )
-"""In priority order: a study stopped early has its short tiny points (both seeds) and the small s4 point."""
+"""In priority order: a study stopped early has its short tiny points (both seeds), then the longest s4 run (it
+starts early so that it does not hold one worker alone at the end), the small s4 point, 2,400 steps."""
 
 
 def base_config(data: Path, preset: str, steps: int) -> RunConfig:
@@ -130,12 +133,28 @@ def run_parallel(jobs: list[tuple[str, Job]], workers: int, pool: cf.Executor | 
         raise SuperposeError(f"{len(waiting)} jobs wait for a job that is not in the study")
 
 
+SUMMARY_KEYS = ("speedup_mean", "speedup_std", "speedup_text", "bounded", "final_val_loss_mean", "spike_height_mean",
+                "half_recovery_steps_mean", "wall_speedup_mean")
+
+
+def _row(p: Point, arm: str, summary: dict[str, Any], result: Any) -> dict[str, Any]:
+    """One finished arm of a point: its summary over seeds, each seed's speedup, and the point's scale."""
+    setup = result.setup
+    seeds = [a for a in result.arms if a.label == summary["label"]]
+    return {"preset": p.preset, "arm": arm, "steps": p.steps, "parameters": setup["parameters"],
+            "tokens_per_parameter": setup["batch_size"] * setup["seq_len"] * p.steps / setup["parameters"],
+            "seeds": len(seeds), **{k: summary[k] for k in SUMMARY_KEYS},
+            "per_seed": [{"seed": a.seed, "speedup": a.speedup, "bound": a.bound, "final_val_loss": a.final_val_loss,
+                          "text_tokens": a.text_tokens} for a in seeds]}
+
+
 def collect_points(data: Path, runs: Path, out: Path) -> list[dict[str, Any]]:
     """One row per (point, arm) from whatever has finished, with the per-seed speedups; full reports under
     OUT/trend/PRESET-T{steps}."""
     rows = []
     for p in POINTS:
         base = base_config(data, p.preset, p.steps)
+        arm_of = {v.label: arm for v, arm in zip(variants(base, p.arms), p.arms)}
         try:
             result = collect(base, variants(base, p.arms), p.seeds, FAMILY, runs / p.preset, partial=True)
         except SuperposeError as exc:
@@ -143,17 +162,7 @@ def collect_points(data: Path, runs: Path, out: Path) -> list[dict[str, Any]]:
             continue
         write_report(result, out / "trend" / f"{p.preset}-T{p.steps}-{'-'.join(p.arms)}",
                      f"trend: {p.preset} preset, {p.steps} steps", "python bench/trend.py")
-        tokens = base.train.batch_size * base.train.seq_len * p.steps
-        for arm, summary in zip(p.arms, result.summaries):
-            seeds = [a for a in result.arms if a.label == summary["label"]]
-            rows.append({"preset": p.preset, "arm": arm, "steps": p.steps, "parameters": result.setup["parameters"],
-                         "tokens_per_parameter": tokens / result.setup["parameters"],
-                         "seeds": len(seeds), "per_seed": [
-                             {"seed": a.seed, "speedup": a.speedup, "bound": a.bound,
-                              "final_val_loss": a.final_val_loss, "text_tokens": a.text_tokens} for a in seeds],
-                         **{k: summary[k] for k in ("speedup_mean", "speedup_std", "speedup_text", "bounded",
-                                                    "final_val_loss_mean", "spike_height_mean",
-                                                    "half_recovery_steps_mean", "wall_speedup_mean")}})
+        rows += [_row(p, arm_of[summary["label"]], summary, result) for summary in result.summaries]
     return rows
 
 

@@ -380,7 +380,10 @@ def test_report_contents(tiny_compare, tmp_path):
     for label in ("s4-r0.5", "s4-r0.5-input", "s4-r0.5-output", "baseline (bag 1)"):
         assert f"| {label}" in text
     assert "| step 4 [+0] |" in text and "measured at" in text  # where the spike was read, per run
+    assert result.standing.startswith("Where this stands:") and f"\n{result.standing}\n" in text
+    assert f"for {result.setup['steps']} steps" in result.standing and "The paper's smallest runs" in result.standing
     data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["standing"] == result.standing
     assert data["command"] == "superpose compare x"
     made = data["provenance"]
     assert all(made["versions"][p] for p in ("superpose", "torch", "transformers")) and made["cpu"]
