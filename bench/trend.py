@@ -167,20 +167,22 @@ def collect_points(data: Path, runs: Path, out: Path) -> list[dict[str, Any]]:
 
 
 def trend_fit(rows: list[dict[str, Any]], arm: str) -> dict[str, Any] | None:
-    """Least squares of speedup on log2(steps) over one arm's tiny-preset seeds (bounds left out): the slope per
-    doubling with its standard error, and where the line would reach 1x with a 2-sigma range of the slope."""
-    pts = [(math.log2(r["steps"]), s["speedup"]) for r in rows if r["preset"] == "tiny" and r["arm"] == arm
+    """Least squares of speedup on doublings of the run length over one arm's tiny-preset seeds (bounds left out):
+    the speedup the line gives at the shortest length, its slope per doubling with the standard error, and the run
+    length at which the line would reach 1x at the slope and at slope +- 2 s.e. (None where it would not rise)."""
+    pts = [(r["steps"], s["speedup"]) for r in rows if r["preset"] == "tiny" and r["arm"] == arm
            for s in r["per_seed"] if not s["bound"]]
-    if len({x for x, _ in pts}) < 3:
+    if len({steps for steps, _ in pts}) < 3:
         return None
-    x, y = np.array(pts).T
-    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)
+    shortest = min(steps for steps, _ in pts)
+    x, y = np.array([(math.log2(steps / shortest), speedup) for steps, speedup in pts]).T
+    (slope, at_shortest), cov = np.polyfit(x, y, 1, cov=True)
     err = math.sqrt(cov[0, 0])
-    cross = {f"{k}": (2 ** ((1 - intercept) / s) if s > 0 else None)
-             for k, s in (("at_slope", slope), ("at_slope_plus_2se", slope + 2 * err),
-                          ("at_slope_minus_2se", slope - 2 * err))}
-    return {"arm": arm, "points": len(pts), "slope_per_doubling": slope, "slope_se": err, "intercept": intercept,
-            "steps_to_1x": cross}
+    to_1x = {name: (shortest * 2 ** ((1 - at_shortest) / s) if s > 0 else None)
+             for name, s in (("at_slope", slope), ("at_slope_plus_2se", slope + 2 * err),
+                             ("at_slope_minus_2se", slope - 2 * err))}
+    return {"arm": arm, "points": len(pts), "shortest_steps": shortest, "speedup_at_shortest": at_shortest,
+            "slope_per_doubling": slope, "slope_se": err, "steps_to_1x": to_1x}
 
 
 REFERENCE_KEYS = ("preset", "arm", "steps", "parameters", "tokens_per_parameter", "seeds", "speedup_mean",
@@ -223,8 +225,11 @@ def summarize(data: Path, runs: Path, out: Path, reference: Path | None) -> None
                      f"{r['tokens_per_parameter']:.2f} | {r['seeds']} | {r['final_val_loss_mean']:.4f} | "
                      f"{r['speedup_text']} | {per_seed} | {spike} |")
     for f in fits:
-        lines.append(f"\nFit ({f['arm']}, tiny, {f['points']} seed points): speedup = {f['intercept']:.3f} + "
-                     f"{f['slope_per_doubling']:.3f} ± {f['slope_se']:.3f} (1 s.e.) per doubling of steps.")
+        reach = ", ".join(f"{k.replace('_', ' ')}: {'never' if v is None else f'{v:,.0f} steps'}"
+                          for k, v in f["steps_to_1x"].items())
+        lines.append(f"\nFit ({f['arm']}, tiny, {f['points']} seed points): {f['speedup_at_shortest']:.3f} at "
+                     f"{f['shortest_steps']} steps, {f['slope_per_doubling']:+.3f} ± {f['slope_se']:.3f} (1 s.e.) per "
+                     f"doubling of the run length; the line reaches 1x {reach}.")
     (out / "trend.md").write_text("\n".join(lines) + "\n")
 
 

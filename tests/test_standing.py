@@ -136,7 +136,8 @@ def test_trend_fit_reads_the_slope_per_doubling():
     rows = [{"preset": "tiny", "arm": "s4-r0.3", "steps": s, "per_seed": [
         {"speedup": 0.5 + 0.1 * k + d, "bound": ""} for d in (-0.01, 0.01)]} for k, s in enumerate((300, 600, 1200))]
     fit = trend.trend_fit(rows, "s4-r0.3")
-    assert fit["slope_per_doubling"] == pytest.approx(0.1)
+    assert fit["slope_per_doubling"] == pytest.approx(0.1) and fit["speedup_at_shortest"] == pytest.approx(0.5)
     assert fit["steps_to_1x"]["at_slope"] == pytest.approx(300 * 2 ** 5)
+    assert fit["steps_to_1x"]["at_slope_minus_2se"] > fit["steps_to_1x"]["at_slope"]
     assert trend.trend_fit(rows[:2], "s4-r0.3") is None  # two lengths cannot show a trend
     json.dumps(fit)
