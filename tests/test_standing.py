@@ -51,9 +51,17 @@ def test_standing_quotes_nearest_point_and_the_gap():
     text = standing(SETUP, [_summary(0.6), _summary(0.9, mode="input")], REFERENCE_POINTS)
     assert "1,000,000 parameters for 600 steps" in text
     assert "best arm s4-r0.3 reaches 0.60x" in text  # the best full-TST arm, not the input-only one
-    assert "the test trend" in text and "600 steps, 1.2 tokens per parameter) measured 0.70x" in text
+    assert "the test trend, s4-r0.3 on the tiny preset" in text
+    assert "at 600 steps and 1.2 tokens per parameter, measured 0.70x" in text
     assert "0.10 below it" in text
     assert text.endswith(PAPER + ".")
+
+
+def test_standing_prefers_a_point_of_the_same_bag_and_ratio():
+    other = {**_point(300, 0.5, 0.9), "arm": "s2-r0.2"}
+    reference = {"points": [*REFERENCE_POINTS["points"], other]}
+    assert "s2-r0.2 on the tiny preset" in standing(SETUP, [{**_summary(0.8), "label": "s2-r0.2"}], reference)
+    assert "s4-r0.3 on the tiny preset" in standing(SETUP, [{**_summary(0.8), "label": "s8-r0.1"}], reference)
 
 
 def test_standing_says_when_the_run_is_beyond_the_trend_and_skips_a_gap_from_a_bound():
@@ -90,7 +98,7 @@ def test_study_jobs_are_the_runs_each_point_collects(tmp_path):
         assert not job.after or position[preset, job.after] < i
     for p in trend.POINTS:
         base = trend.base_config(data, p.preset, p.steps)
-        for job in plan_jobs(base, trend.variants(base, p.arms), p.seeds, trend.FAMILY, tmp_path / "runs" / p.preset):
+        for job in plan_jobs(base, trend.variants(base, p.arms), p.seeds, p.family, tmp_path / "runs" / p.preset):
             ours = by_dir[job.cfg.run_dir, job.cfg.train.stop_at].cfg.to_dict()
             theirs = job.cfg.to_dict()
             if job.kind == "trunk":

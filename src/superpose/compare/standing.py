@@ -38,8 +38,8 @@ def nearest_point(points: Sequence[Mapping[str, Any]], tpp: float, steps: int) -
 
 def standing(setup: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]],
              reference: Mapping[str, Any] | None = None) -> str:
-    """One paragraph: the best full-TST arm here, the nearest trend point and how far this result is from it, and
-    the paper's smallest scale."""
+    """One paragraph: the best full-TST arm here, the nearest trend point (of the same bag and ratio when the trend
+    has it) and how far this result is from it, and the paper's smallest scale."""
     reference = read_reference() if reference is None else reference
     tpp = tokens_per_parameter(setup)
     here = (f"this comparison trains {setup['parameters']:,} parameters for {setup['steps']:,} steps, "
@@ -47,13 +47,14 @@ def standing(setup: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]],
     best = max((s for s in summaries if s["mode"] == "both"), default=None, key=lambda s: s["speedup_mean"])
     if best is not None:
         here += f", and its best arm {best['label']} reaches {best['speedup_text']}"
-    point = nearest_point(reference["points"], tpp, setup["steps"])
+    same_arm = [p for p in reference["points"] if best is not None and p["arm"] == best["label"]]
+    point = nearest_point(same_arm or reference["points"], tpp, setup["steps"])
     if point is None:
         return f"Where this stands: {here}. {PAPER}."
     measured = reference.get("measured", "superpose's CPU trend (bench/trend.py)")
-    near = (f"The nearest point of {measured} ({point['preset']} preset, {point['parameters']:,} parameters, "
-            f"{point['arm']}, {point['steps']:,} steps, {point['tokens_per_parameter']:.3g} tokens per parameter) "
-            f"measured {point['speedup_text']}")
+    near = (f"The nearest point of {measured}, {point['arm']} on the {point['preset']} preset "
+            f"({point['parameters']:,} parameters) at {point['steps']:,} steps and "
+            f"{point['tokens_per_parameter']:.3g} tokens per parameter, measured {point['speedup_text']}")
     if best is not None and not best["bounded"] and not point["bounded"]:
         gap = best["speedup_mean"] - point["speedup_mean"]
         near += f"; this result is {abs(gap):.2f} {'above' if gap >= 0 else 'below'} it"
