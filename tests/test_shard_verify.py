@@ -241,7 +241,7 @@ def launch(tmp_path: Path, config: Path, *args: str) -> tuple[subprocess.Complet
 @pytest.mark.slow
 def test_two_ranks_share_the_hashing_and_a_restart_hashes_nothing(dataset: Path, tmp_path: Path) -> None:
     """The trainer on 2 gloo ranks: each rank hashes at most half the dataset's bytes plus one shard, every shard
-    once in all; the restart hashes nothing; a byte flipped under a restored mtime is named by both ranks."""
+    once in all; the restart hashes nothing; a byte flipped under a restored mtime is found and named in one line."""
     cfg = make_tiny_config(dataset, tmp_path / "runs", "run", optim={"warmup_steps": 0}, train={"steps": 2},
                            eval={"every": 2, "batches": 1}, checkpoint={"every": 2})
     config = tmp_path / "run.toml"
@@ -261,4 +261,5 @@ def test_two_ranks_share_the_hashing_and_a_restart_hashes_nothing(dataset: Path,
     proc, per_rank = launch(tmp_path, config, "--resume")
     assert proc.returncode != 0 and per_rank[0] | per_rank[1] == {"train-00001.bin": sizes["train-00001.bin"]}
     lines = [line for line in proc.stderr.splitlines() if line.startswith("superpose: error: ")]
-    assert len(lines) == 2 and lines[0] == lines[1] and "train-00001.bin is damaged" in lines[0]
+    # each rank names it; torchrun may stop the other rank before its line is out once the first has failed
+    assert lines and len(set(lines)) == 1 and "train-00001.bin is damaged" in lines[0]
