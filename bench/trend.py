@@ -28,7 +28,7 @@ import numpy as np
 from superpose.compare import arm_config, collect, family_jobs, run_job, variants_for, write_report
 from superpose.compare.isoloss import family_lengths
 from superpose.compare.jobs import Job, Variant, derive
-from superpose.compare.standing import PAPER
+from superpose.compare.standing import PAPER, tokens_per_parameter
 from superpose.errors import SuperposeError
 from superpose.plots import plot_trend
 from superpose.provenance import provenance
@@ -145,7 +145,7 @@ def _row(p: Point, arm: str, summary: dict[str, Any], result: Any) -> dict[str, 
     seeds = [a for a in result.arms if a.label == summary["label"]]
     return {"preset": p.preset, "arm": arm, "steps": p.steps, "family": list(p.family),
             "parameters": setup["parameters"],
-            "tokens_per_parameter": setup["batch_size"] * setup["seq_len"] * p.steps / setup["parameters"],
+            "tokens_per_parameter": tokens_per_parameter(setup),
             "seeds": len(seeds), **{k: summary[k] for k in SUMMARY_KEYS},
             "per_seed": [{"seed": a.seed, "speedup": a.speedup, "bound": a.bound, "final_val_loss": a.final_val_loss,
                           "text_tokens": a.text_tokens} for a in seeds]}

@@ -44,7 +44,8 @@ from .isoloss import (
 )
 
 _LAZY = {
-    "jobs": ("Job", "Variant", "arm_config", "family_jobs", "launch_order", "plan_jobs", "variant_label", "variants_for"),
+    "jobs": ("Job", "Variant", "arm_config", "family_jobs", "launch_order", "plan_jobs", "variant_label",
+             "variants_for"),
     "runner": ("compare", "run_job", "run_jobs"),
     "results": ("Arm", "Comparison", "Member", "collect"),
     "report": ("provenance", "report_markdown", "write_report"),

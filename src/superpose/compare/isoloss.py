@@ -173,12 +173,16 @@ def summarize(arms: Sequence[ArmResult]) -> dict[str, Any]:
     }
 
 
+def best_full_tst(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The full-TST (mode ``both``) variant with the highest mean speedup, the one a verdict speaks of; None if none."""
+    return max((s for s in summaries if s["mode"] == "both"), default=None, key=lambda s: s["speedup_mean"])
+
+
 def recommend(summaries: Sequence[dict[str, Any]]) -> str:
     """Name the best TST setting only if its speedup beats 1 by more than its seed spread; otherwise say so."""
-    candidates = [s for s in summaries if s["mode"] == "both"]
-    if not candidates:
+    best = best_full_tst(summaries)
+    if best is None:
         return "no recommendation: no full-TST (mode both) arm was run"
-    best = max(candidates, key=lambda s: s["speedup_mean"])
     beyond_noise = best["speedup_mean"] - best["speedup_std"] > 1.0
     clears = beyond_noise and (not best["bounded"] or best["speedup_text"].startswith(">"))
     if clears and best["seeds"] > 1:

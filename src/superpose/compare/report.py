@@ -67,7 +67,8 @@ def _header(comparison: Comparison, title: str, command: str, made: dict[str, An
             f"{s['lr_schedule']} LR {s['lr']:g} (warmup {s['warmup_steps']}, decay {s['decay_fraction']:g}), "
             f"device {s['device']}. Model FLOPs per step {s['flops_per_step']:.3e}, the same for TST and baseline; the "
             f"superposition overhead adds at most {s['overhead_fraction_of_run_flops']:.1e} of a run's FLOPs.",
-            "", f"**Verdict:** {comparison.recommendation}.", "", comparison.standing, "", "## How the speedup is computed", "", METHOD, ""]
+            "", f"**Verdict:** {comparison.recommendation}.", "", comparison.standing, "",
+            "## How the speedup is computed", "", METHOD, ""]
 
 
 def _spike_cell(height: float | None, after: float | None) -> str:

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .isoloss import best_full_tst
+
 REFERENCE = Path(__file__).with_name("trend_reference.json")
 PAPER = ("The paper's smallest runs (270M parameters: the SmolLM2-135M shape with the 128k Llama-3 vocabulary, "
          "untied; 20k steps x 2M tokens = 42B tokens, about 155 tokens per parameter) end 0.070 nat below their "
@@ -44,7 +46,7 @@ def standing(setup: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]],
     tpp = tokens_per_parameter(setup)
     here = (f"this comparison trains {setup['parameters']:,} parameters for {setup['steps']:,} steps, "
             f"{tpp:.3g} tokens per parameter")
-    best = max((s for s in summaries if s["mode"] == "both"), default=None, key=lambda s: s["speedup_mean"])
+    best = best_full_tst(summaries)
     if best is not None:
         here += f", and its best arm {best['label']} reaches {best['speedup_text']}"
     same_arm = [p for p in reference["points"] if best is not None and p["arm"] == best["label"]]
